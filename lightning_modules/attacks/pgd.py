@@ -1,0 +1,225 @@
+"""FGSM and PGD in plain PyTorch, for L-inf and L2 threat models.
+
+- FGSM: Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015.
+- PGD: Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards Deep Learning Models Resistant to
+  Adversarial Attacks", ICLR 2018.
+
+Contract: images ``x`` are in [0, 1] (normalisation lives inside the model), ``eps`` and
+``step_size`` are in the same pixel units, and the returned ``x_adv`` is detached, inside the
+epsilon ball and inside [0, 1]. The loss is pluggable per sample (see :mod:`.losses`): pass
+``loss_fn`` at call time, cross-entropy by default. Gradients come from
+``torch.autograd.grad`` with respect to the input only; the model is wrapped in
+:func:`.mode.attack_mode`, so parameter ``.grad``, train/eval modes and BatchNorm statistics are
+exactly as before the call. Under float16 autocast the loss is scaled before the backward pass so
+the input gradient does not underflow to zero (sign and L2-normalised steps are scale-free).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .losses import LossFn, cross_entropy_per_sample, predictions_wrong
+from .mode import attack_mode
+from .threat import make_threat, parse_eps
+
+__all__ = ["PGD", "FGSM", "Attack"]
+
+_FP16_LOSS_SCALE = 1024.0
+
+
+def _fp16_autocast_active(device_type: str) -> bool:
+    if not torch.is_autocast_enabled(device_type):
+        return False
+    return torch.get_autocast_dtype(device_type) == torch.float16
+
+
+class Attack:
+    """Base class: holds the threat model and the model mode used while attacking."""
+
+    name = "attack"
+
+    def __init__(
+        self,
+        eps: float | str = 8 / 255,
+        norm: str = "linf",
+        model_mode: str = "eval",
+    ) -> None:
+        self.threat = make_threat(norm, eps)
+        self.model_mode = model_mode
+
+    @property
+    def eps(self) -> float:
+        return self.threat.eps
+
+    @property
+    def norm(self) -> str:
+        return self.threat.norm
+
+    def with_eps(self, eps: float | str) -> Attack:
+        """A copy of this attack with another radius (step size scales with it)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def describe(self) -> dict:
+        return {"attack": self.name, "norm": self.norm, "eps": self.eps}
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None = None
+    ) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in self.describe().items() if k != "attack")
+        return f"{type(self).__name__}({args})"
+
+
+class PGD(Attack):
+    """Projected gradient ascent on a per-sample loss inside an L-inf or L2 ball.
+
+    Args:
+        eps: radius of the ball in [0, 1] pixel units (float or a fraction string, "8/255").
+        steps: number of gradient steps (>= 1).
+        step_size: ascent step in pixel units; ``None`` means ``2.5 * eps / steps`` (Madry et al.).
+        norm: ``"linf"`` or ``"l2"``.
+        random_start: start from a uniform random point in the ball (Madry et al.).
+        restarts: independent random restarts; per sample the strongest result is kept
+            (a misclassified example first, then the highest loss). Use > 1 for evaluation.
+        model_mode: ``"eval"`` (BatchNorm running statistics) or ``"train"`` (batch statistics,
+            running statistics restored afterwards); see :func:`attack_mode`.
+
+    Example:
+        >>> attack = PGD(eps="8/255", steps=10)
+        >>> x_adv = attack(model, images, labels)           # images in [0, 1]
+    """
+
+    name = "pgd"
+
+    def __init__(
+        self,
+        eps: float | str = 8 / 255,
+        steps: int = 10,
+        step_size: float | str | None = None,
+        norm: str = "linf",
+        random_start: bool = True,
+        restarts: int = 1,
+        model_mode: str = "eval",
+    ) -> None:
+        super().__init__(eps=eps, norm=norm, model_mode=model_mode)
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps={steps!r} must be an integer >= 1")
+        if int(restarts) != restarts or restarts < 1:
+            raise ValueError(f"restarts={restarts!r} must be an integer >= 1")
+        self.steps = int(steps)
+        self.restarts = int(restarts)
+        self.random_start = bool(random_start)
+        self._step_size = None if step_size is None else parse_eps(step_size, "step_size")
+
+    @property
+    def step_size(self) -> float:
+        if self._step_size is not None:
+            return self._step_size
+        return 2.5 * self.eps / self.steps
+
+    def with_eps(self, eps: float | str) -> PGD:
+        ratio = None
+        if self._step_size is not None and self.eps > 0:
+            ratio = self._step_size / self.eps
+        new_eps = parse_eps(eps)
+        return type(self)(
+            eps=new_eps,
+            steps=self.steps,
+            step_size=None if ratio is None else ratio * new_eps,
+            norm=self.norm,
+            random_start=self.random_start,
+            restarts=self.restarts,
+            model_mode=self.model_mode,
+        )
+
+    def describe(self) -> dict:
+        return {
+            "attack": self.name,
+            "norm": self.norm,
+            "eps": self.eps,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "random_start": self.random_start,
+            "restarts": self.restarts,
+        }
+
+    def _one_run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+    ) -> torch.Tensor:
+        threat = self.threat
+        x_adv = threat.random_init(x) if self.random_start else x.clone()
+        scale = _FP16_LOSS_SCALE if _fp16_autocast_active(x.device.type) else 1.0
+        step_size = self.step_size
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            loss = loss_fn(model(x_adv), y).sum()
+            if scale != 1.0:
+                loss = loss * scale
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            with torch.no_grad():
+                x_adv = threat.project(threat.step(x_adv.detach(), grad, step_size), x)
+        return x_adv.detach()
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None = None
+    ) -> torch.Tensor:
+        """Return adversarial examples for ``(x, y)``: detached, same shape and dtype as ``x``."""
+        if self.eps == 0:
+            return x.detach().clone()
+        loss_fn = loss_fn or cross_entropy_per_sample
+        x = x.detach()
+        with attack_mode(model, self.model_mode), torch.enable_grad():
+            best = self._one_run(model, x, y, loss_fn)
+            if self.restarts == 1:
+                return best
+            best_score = self._score(model, best, y, loss_fn)
+            for _ in range(self.restarts - 1):
+                cand = self._one_run(model, x, y, loss_fn)
+                score = self._score(model, cand, y, loss_fn)
+                better = score > best_score
+                best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), cand, best)
+                best_score = torch.maximum(score, best_score)
+            return best
+
+    @staticmethod
+    def _score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn):
+        """Per-sample strength of an adversarial example: its loss, plus a large bonus when it
+        is misclassified (single-label: argmax wrong; multi-label: any finding wrong at 0.5)."""
+        with torch.no_grad():
+            logits = model(x_adv)
+            task = "multiclass" if y.dim() == 1 else "multilabel"
+            wrong = predictions_wrong(logits, y, task)
+            return loss_fn(logits, y).float() + 1e6 * wrong.float()
+
+
+class FGSM(PGD):
+    """Fast Gradient Sign Method (Goodfellow et al., ICLR 2015): one step of size ``eps``.
+
+    With ``norm="l2"`` this is the fast gradient method (one normalised step of length eps).
+    ``random_start`` is off, as published; FGSM with random start is a PGD with ``steps=1``.
+    """
+
+    name = "fgsm"
+
+    def __init__(
+        self, eps: float | str = 8 / 255, norm: str = "linf", model_mode: str = "eval"
+    ) -> None:
+        super().__init__(
+            eps=eps, steps=1, step_size=None, norm=norm, random_start=False, restarts=1,
+            model_mode=model_mode,
+        )
+
+    @property
+    def step_size(self) -> float:
+        return self.eps
+
+    def with_eps(self, eps: float | str) -> FGSM:
+        return FGSM(eps=eps, norm=self.norm, model_mode=self.model_mode)
+
+    def describe(self) -> dict:
+        return {"attack": self.name, "norm": self.norm, "eps": self.eps, "steps": 1,
+                "step_size": self.eps, "random_start": False, "restarts": 1}

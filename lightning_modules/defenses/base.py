@@ -1,0 +1,54 @@
+"""The defense interface: ``defense(model, x, y, loss_fn) -> DefenseOutput``.
+
+A defense is a training strategy: given the current model and a clean batch (images in [0, 1])
+it crafts whatever adversarial examples it needs and returns the scalar loss to minimise, plus
+the logits it computed on the way so the caller can log clean and adversarial accuracy without
+extra forward passes. ``loss_fn`` is per sample (cross-entropy or BCE-with-logits, see
+``lightning_modules.attacks.losses``); defenses average it over the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attacks.losses import LossFn
+
+__all__ = ["Defense", "DefenseOutput", "NoDefense"]
+
+
+@dataclass
+class DefenseOutput:
+    """What a defense hands back for one batch."""
+
+    loss: torch.Tensor
+    logits_clean: torch.Tensor | None = None
+    logits_adv: torch.Tensor | None = None
+
+
+class Defense:
+    """Base class. Subclasses implement :meth:`__call__`."""
+
+    name = "defense"
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+    ) -> DefenseOutput:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def describe(self) -> dict:
+        return {"defense": self.name}
+
+
+class NoDefense(Defense):
+    """Standard (empirical risk minimisation) training on clean images: no attack at all."""
+
+    name = "none"
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+    ) -> DefenseOutput:
+        logits = model(x)
+        return DefenseOutput(loss=loss_fn(logits, y).mean(), logits_clean=logits)

@@ -1,0 +1,105 @@
+"""Small helpers shared by ``train.py`` and ``evaluate.py``: config errors, instantiation of
+``_target_`` dicts, eps formatting and the output files of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "ConfigError",
+    "instantiate_node",
+    "instantiate_dict",
+    "format_eps",
+    "write_json",
+    "register_resolvers",
+]
+
+
+class ConfigError(Exception):
+    """Bad input found at start-up; the message names the key, file or value."""
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(cfg[key], **kwargs)``; errors become one :class:`ConfigError`
+    that names the config key and the underlying message."""
+    node = cfg.get(key)
+    if node is None:
+        raise ConfigError(f"config key '{key}' is missing")
+    try:
+        # _convert_="all": lists and dicts reach constructors as plain Python (they end up in
+        # checkpoints, which load with weights_only=True)
+        return hydra.utils.instantiate(node, _convert_="all", **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised with the key named
+        cause = _root_cause(err)
+        raise ConfigError(f"{key}: {type(cause).__name__}: {cause}") from err
+
+
+def instantiate_dict(cfg: DictConfig, key: str) -> list[Any]:
+    """Instantiate every ``_target_`` node of ``cfg[key]`` (a dict of callbacks or loggers)."""
+    node = cfg.get(key)
+    if not node:
+        return []
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{key} must be a dict of _target_ nodes, got {type(node).__name__}")
+    out = []
+    for name, sub in node.items():
+        if isinstance(sub, DictConfig) and "_target_" in sub:
+            out.append(instantiate_node(node, name))
+    return out
+
+
+def format_eps(eps: float) -> str:
+    """``8/255`` for multiples of 1/255, else the number (``0.5``)."""
+    if eps == 0:
+        return "0"
+    k = eps * 255.0
+    if math.isclose(k, round(k), abs_tol=1e-6):
+        return f"{round(k)}/255"
+    return f"{eps:.4g}"
+
+
+def to_builtin(obj: Any) -> Any:
+    """Tensors, numpy scalars and OmegaConf nodes to plain Python for JSON."""
+    if isinstance(obj, DictConfig) or OmegaConf.is_config(obj):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return {str(k): to_builtin(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_builtin(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            return obj.tolist()
+    return obj
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON via a temporary file (no half-written file on a crash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_builtin(data), indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers: ``${eps:8/255}`` -> 0.03137 (a fraction, never ``eval``)."""
+    from .attacks.threat import parse_eps
+
+    if not OmegaConf.has_resolver("eps"):
+        OmegaConf.register_new_resolver("eps", lambda v: parse_eps(v))

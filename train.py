@@ -1,0 +1,177 @@
+"""Train an adversarially robust classifier, then test its best checkpoint.
+
+    python train.py                                   # PGD-AT on the embedded synthetic data
+    python train.py defense=none                      # standard training
+    python train.py datamodule=ham10000 datamodule.data_dir=/data/ham10000
+    python train.py -m defense=none,pgd_at seed=1,2   # Hydra multirun
+
+``train(cfg)`` is a plain function (tests and sweeps call it); ``main`` is the Hydra entry point.
+Outputs in the run directory: ``checkpoints/`` (best on ``val/adv_score`` and ``last.ckpt``),
+``metrics.json``, ``config_resolved.yaml``, logger folders (``csv/`` by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.utils import (
+    ConfigError,
+    format_eps,
+    instantiate_dict,
+    instantiate_node,
+    register_resolvers,
+    write_json,
+)
+
+log = logging.getLogger("medrobust.train")
+register_resolvers()
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate datamodule, model, callbacks, loggers and trainer from ``cfg``.
+
+    Every piece of bad input (missing data, unknown backbone, eps < 0, ...) raises
+    :class:`ConfigError` here, before any training starts.
+    """
+    datamodule = instantiate_node(cfg, "datamodule")
+    net = instantiate_node(cfg, "backbone")
+    defense = instantiate_node(cfg, "defense")
+    val_attack = instantiate_node(cfg, "attack")
+    module = instantiate_node(
+        cfg, "module", net=net, defense=defense, val_attack=val_attack,
+        class_names=list(getattr(datamodule, "class_names", []) or []) or None,
+    )
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = instantiate_dict(cfg, "callbacks")
+    loggers = instantiate_dict(cfg, "logger")
+    trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    if getattr(trainer, "_inference_mode", False):
+        raise ConfigError("trainer.inference_mode must be false: adversarial validation and "
+                          "test need gradients")
+    return {"datamodule": datamodule, "module": module, "trainer": trainer, "loggers": loggers}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test; returns the metrics dict that is also written to ``metrics.json``."""
+    start = time.perf_counter()
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = build(cfg)
+    trainer: L.Trainer = parts["trainer"]
+    module, datamodule = parts["module"], parts["datamodule"]
+    if trainer.is_global_zero:
+        (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    for lg in parts["loggers"]:
+        lg.log_hyperparams(module.run_config)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist")
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    best = ""
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None:
+        best = ckpt_cb.best_model_path or ""
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test", True):
+        if not best:
+            log.warning("no best checkpoint (checkpointing off?): testing the current weights")
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                        if k.startswith("test/")}
+
+    result = {
+        "task_name": cfg.get("task_name"),
+        "defense": module.defense.describe(),
+        "val_attack": module.val_attack.describe(),
+        "threat": {"norm": module.val_attack.norm, "eps": module.val_attack.eps,
+                   "eps_str": format_eps(module.val_attack.eps)},
+        "seed": cfg.get("seed"),
+        "test": test_metrics,
+        "val": {k: v for k, v in fit_metrics.items() if k.startswith("val/")},
+        "best_checkpoint": best,
+        "last_checkpoint": str(Path(ckpt_cb.dirpath) / "last.ckpt")
+        if ckpt_cb is not None and ckpt_cb.dirpath else "",
+        "output_dir": str(out_dir),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    if trainer.is_global_zero:
+        write_json(out_dir / "metrics.json", result)
+        if cfg.get("print_summary", True):
+            print(summary_table(result, parts["loggers"], out_dir), flush=True)
+    return result
+
+
+def summary_table(result: dict[str, Any], loggers: list, out_dir: Path) -> str:
+    """The short table printed at the end of a run."""
+    atk = result["val_attack"]
+    atk_name = f"{atk['attack'].upper()}-{atk.get('steps', 1)}" if atk["attack"] == "pgd" \
+        else atk["attack"].upper()
+    eps = result["threat"]["eps_str"]
+    lines = [
+        "",
+        f"== medrobust: defense={result['defense']['defense']}  "
+        f"threat={result['threat']['norm']} eps={eps}  ({result['wall_time_s']:.0f} s) ==",
+    ]
+    test = result["test"]
+    names = sorted({k.split("/", 1)[1] for k in test if not k.split("/", 1)[1].startswith("adv_")
+                    and not k.endswith("loss")})
+    if names:
+        lines.append(f"{'test metric':<14}{'clean':>10}{atk_name + ' @ ' + eps:>22}")
+        for name in names:
+            clean = test.get(f"test/{name}")
+            adv = test.get(f"test/adv_{name}")
+            fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+            lines.append(f"{name:<14}{fmt(clean):>10}{fmt(adv):>22}")
+    else:
+        lines.append("(no test metrics: test=false)")
+    lines.append(f"best checkpoint: {result['best_checkpoint'] or '-'}")
+    lines.append(f"metrics JSON:    {out_dir / 'metrics.json'}")
+    log_dirs = sorted({str(getattr(lg, 'log_dir', None) or getattr(lg, 'save_dir', '') or '')
+                       for lg in loggers} - {""})
+    lines.append(f"logs:            {', '.join(log_dirs) if log_dirs else str(out_dir)}")
+    return "\n".join(lines)
+
+
+def _finish_wandb() -> None:
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except ConfigError as err:
+        log.error("%s", err)
+        print(f"medrobust: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        _finish_wandb()
+    key = cfg.get("optimized_metric")
+    if key:
+        value = metrics["test"].get(key, metrics["val"].get(key))
+        return None if value is None else float(value)
+    return None
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    main()
