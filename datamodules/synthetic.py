@@ -5,7 +5,7 @@ background with a smooth illumination gradient, a dark elliptical "lesion" of ra
 size and position (nuisance, independent of the label), Gaussian sensor noise, and the class
 signal: a low-contrast oriented stripe texture, one orientation per class (``multiclass``), or
 one stripe pattern per present finding, several at once (``multilabel``). A small CNN learns it
-in a few epochs, and because the signal has a contrast of only ``signal_amplitude`` (0.15 by
+in a few epochs, and because the signal has a contrast of only ``signal_amplitude`` (0.1 by
 default, in [0, 1] pixel units) an L-inf attack of 8/255 measurably hurts an undefended model
 while adversarial training can still recover most of the accuracy.
 """
@@ -29,7 +29,7 @@ def make_synthetic(
     image_size: int = 32,
     in_chans: int = 3,
     task: str = "multiclass",
-    signal_amplitude: float = 0.15,
+    signal_amplitude: float = 0.1,
     noise_std: float = 0.04,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +97,7 @@ class SyntheticDataModule(L.LightningDataModule):
         n_train: int = 2048,
         n_val: int = 512,
         n_test: int = 512,
-        signal_amplitude: float = 0.15,
+        signal_amplitude: float = 0.1,
         noise_std: float = 0.04,
         seed: int = 1234,
         batch_size: int = 64,

@@ -45,7 +45,8 @@ class Defense:
 class NoDefense(Defense):
     """Standard (empirical risk minimisation) training on clean images: no attack at all."""
 
-    name = "none"
+    def __init__(self, name: str = "none") -> None:
+        self.name = name
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn

@@ -1,0 +1,236 @@
+"""Attack a trained checkpoint over a grid of epsilons and write a robustness report.
+
+    python evaluate.py ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt
+    python evaluate.py ckpt_path=... 'eps_grid=[0,2/255,4/255]' attacks.pgd.restarts=3
+
+The checkpoint carries the resolved training config (data, backbone, task), so nothing else is
+needed; ``datamodule.*`` keys here override the stored ones (e.g. another ``data_dir``).
+Report (default ``<run dir>/eval/``): ``report.json`` (RobustBench-like: clean metrics, then
+per attack and epsilon), ``report.csv`` (one row per attack and epsilon), ``accuracy_vs_eps.png``
+and ``summary.md``. The row at eps=0 must equal the clean metrics (the attacks are the identity).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.attacks import loss_for_task, parse_eps
+from lightning_modules.metrics import SCORE_METRIC, build_metrics
+from lightning_modules.utils import (
+    ConfigError,
+    format_eps,
+    instantiate_node,
+    register_resolvers,
+    write_json,
+)
+
+log = logging.getLogger("medrobust.evaluate")
+register_resolvers()
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Load a medrobust checkpoint (weights only, no pickled code) and check it."""
+    if not path or path == "???":
+        raise ConfigError("ckpt_path is not set: python evaluate.py ckpt_path=PATH")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"ckpt_path={str(p)!r} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"cannot load checkpoint {p}: {err}") from err
+    if "medrobust_config" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(f"{p} is not a medrobust checkpoint (no stored training config)")
+    return ckpt
+
+
+def build_from_checkpoint(ckpt: dict, datamodule_overrides: DictConfig | None):
+    """Rebuild the datamodule and the network (weights loaded) from a checkpoint."""
+    train_cfg = OmegaConf.create(ckpt["medrobust_config"])
+    if datamodule_overrides:
+        train_cfg.datamodule = OmegaConf.merge(train_cfg.datamodule, datamodule_overrides)
+    datamodule = instantiate_node(train_cfg, "datamodule")
+    net = instantiate_node(train_cfg, "backbone")
+    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    return train_cfg, datamodule, net
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision in ("32", "32-true", "64"):
+        return nullcontext()
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the grid and write the report; returns the report dict."""
+    start = time.perf_counter()
+    if cfg.get("seed") is not None:
+        torch.manual_seed(int(cfg.seed))
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    train_cfg, datamodule, net = build_from_checkpoint(ckpt, cfg.get("datamodule"))
+    task, num_classes = train_cfg.datamodule.task, int(train_cfg.datamodule.num_classes)
+    if cfg.get("batch_size"):
+        datamodule.hparams.eval_batch_size = int(cfg.batch_size)
+    eps_grid = [parse_eps(e, "eps_grid") for e in cfg.eps_grid]
+    if not eps_grid:
+        raise ConfigError("eps_grid is empty")
+    attacks = {name: instantiate_node(cfg.attacks, name) for name in cfg.attacks}
+    split = cfg.get("split", "test")
+    if split not in ("val", "test"):
+        raise ConfigError(f"split={split!r} must be 'val' or 'test'")
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    net = net.to(device).eval()
+    loss_fn = loss_for_task(task)
+    datamodule.setup("test" if split == "test" else "validate")
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+
+    clean_metrics = build_metrics(task, num_classes).to(device)
+    grid = [(name, eps) for name in attacks for eps in eps_grid]
+    adv_metrics = {key: build_metrics(task, num_classes).to(device) for key in grid}
+    cells = {(name, eps): attacks[name].with_eps(eps) for name, eps in grid}
+    limit = cfg.get("limit_batches")
+    n_seen = 0
+    amp = _autocast(device, str(cfg.get("precision", "32")))
+    for i, (x, y) in enumerate(loader):
+        if limit is not None and i >= int(limit):
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with amp:
+            with torch.no_grad():
+                clean_metrics.update(net(x).float(), y.long())
+            for key, atk in cells.items():
+                x_adv = atk(net, x, y, loss_fn)
+                with torch.no_grad():
+                    adv_metrics[key].update(net(x_adv).float(), y.long())
+        n_seen += x.shape[0]
+        log.info("batch %d: %d images", i, n_seen)
+    if n_seen == 0:
+        raise ConfigError(f"the {split} split is empty")
+
+    clean = {k: float(v) for k, v in clean_metrics.compute().items()}
+    rows = []
+    for (name, eps), coll in adv_metrics.items():
+        desc = cells[(name, eps)].describe()
+        rows.append({"attack": name, "norm": desc["norm"], "eps": eps, "eps_str": format_eps(eps),
+                     "steps": desc.get("steps", 1), "restarts": desc.get("restarts", 1),
+                     **{k: float(v) for k, v in coll.compute().items()}})
+    report = {
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "epoch": ckpt.get("epoch"),
+        "task": task,
+        "num_classes": num_classes,
+        "score_metric": SCORE_METRIC[task],
+        "split": split,
+        "n_images": n_seen,
+        "dataset": train_cfg.datamodule.get("_target_"),
+        "backbone": train_cfg.backbone.get("name", train_cfg.backbone.get("_target_")),
+        "defense": train_cfg.defense.get("name", train_cfg.defense.get("_target_")),
+        "train_threat": OmegaConf.to_container(train_cfg.get("threat", {}), resolve=True),
+        "clean": clean,
+        "attacks": {name: attacks[name].describe() for name in attacks},
+        "results": rows,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else \
+        Path(cfg.ckpt_path).resolve().parent.parent / "eval"
+    write_report(report, out_dir)
+    report["output_dir"] = str(out_dir)
+    return report
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """report.json, report.csv, accuracy_vs_eps.png and summary.md in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "report.json", report)
+    metric_names = list(report["clean"])
+    fields = ["attack", "norm", "eps", "eps_str", "steps", "restarts", *metric_names]
+    tmp = out_dir / "report.csv.tmp"
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerow({"attack": "clean", "norm": "", "eps": 0.0, "eps_str": "0", "steps": 0,
+                         "restarts": 0, **report["clean"]})
+        for row in report["results"]:
+            writer.writerow({k: row.get(k) for k in fields})
+    tmp.replace(out_dir / "report.csv")
+    plot_report(report, out_dir / "accuracy_vs_eps.png")
+    (out_dir / "summary.md").write_text(summary_markdown(report))
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["acc", report["score_metric"]] if report["score_metric"] != "acc" else ["acc"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for name in report["attacks"]:
+            rows = sorted((r for r in report["results"] if r["attack"] == name),
+                          key=lambda r: r["eps"])
+            ax.plot([r["eps"] * 255 for r in rows], [r[metric] for r in rows], marker="o",
+                    label=name.upper())
+        ax.axhline(report["clean"][metric], color="gray", ls="--", lw=1, label="clean")
+        ax.set_xlabel("epsilon (x 1/255, L-inf)" if all(
+            a["norm"] == "linf" for a in report["attacks"].values()) else "epsilon (x 1/255)")
+        ax.set_ylabel(metric)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(f"{metric} vs epsilon ({report['split']}, n={report['n_images']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    score = report["score_metric"]
+    lines = [
+        "# Robustness report",
+        "",
+        f"- checkpoint: `{report['checkpoint']}` (epoch {report['epoch']})",
+        f"- data: `{report['dataset']}`, split `{report['split']}`, {report['n_images']} images, "
+        f"task {report['task']}",
+        f"- backbone `{report['backbone']}`, defense `{report['defense']}`, trained at "
+        f"{report['train_threat']}",
+        f"- clean: " + ", ".join(f"{k} {v:.4f}" for k, v in report["clean"].items()),
+        "",
+        f"| attack | norm | eps | steps | restarts | acc | {score} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(f"| {r['attack']} | {r['norm']} | {r['eps_str']} | {r['steps']} | "
+                     f"{r['restarts']} | {r['acc']:.4f} | {r[score]:.4f} |")
+    lines += ["", "![accuracy vs epsilon](accuracy_vs_eps.png)", ""]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        report = evaluate(cfg)
+    except ConfigError as err:
+        log.error("%s", err)
+        print(f"medrobust: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    print(summary_markdown(report), flush=True)
+    print(f"report written to {report['output_dir']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Attacks against their definitions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lightning_modules.attacks import (
+    FGSM,
+    PGD,
+    attack_mode,
+    bce_per_sample,
+    cross_entropy_per_sample,
+    parse_eps,
+)
+from lightning_modules.backbones import small_cnn
+
+EPS = 8 / 255
+
+
+def _acc(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def _loss(model, x, y, fn=cross_entropy_per_sample):
+    with torch.no_grad():
+        return fn(model(x), y).mean().item()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("make", [lambda n, e: FGSM(e, norm=n),
+                                  lambda n, e: PGD(e, steps=5, norm=n),
+                                  lambda n, e: PGD(e, steps=3, norm=n, restarts=2)])
+def test_inside_ball_and_pixel_range(trained_model, norm, make):
+    model, x, y = trained_model
+    eps = EPS if norm == "linf" else 0.5
+    x_adv = make(norm, eps)(model, x, y)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    delta = (x_adv - x).flatten(1)
+    if norm == "linf":
+        assert delta.abs().max() <= eps + 1e-6
+    else:
+        assert delta.norm(dim=1).max() <= eps + 1e-5
+    # the attack moved the input and raised the loss
+    size = delta.abs().max(dim=1).values if norm == "linf" else delta.norm(dim=1)
+    assert size.median() > eps / 2
+    assert _loss(model, x_adv, y) > _loss(model, x, y)
+
+
+@pytest.mark.parametrize("atk", [FGSM(0), PGD(0, steps=3), PGD("0", steps=2, norm="l2")])
+def test_eps_zero_is_identity(trained_model, atk):
+    model, x, y = trained_model
+    assert torch.equal(atk(model, x, y), x)
+
+
+def test_pgd_at_least_as_strong_as_fgsm(trained_model):
+    model, x, y = trained_model
+    torch.manual_seed(0)
+    acc_clean = _acc(model, x, y)
+    acc_fgsm = _acc(model, FGSM(EPS)(model, x, y), y)
+    acc_pgd = _acc(model, PGD(EPS, steps=10)(model, x, y), y)
+    assert acc_pgd <= acc_fgsm <= acc_clean
+    assert acc_pgd < acc_clean - 0.2, "PGD at 8/255 should hurt an undefended model"
+
+
+def test_restarts_never_weaker(trained_model):
+    model, x, y = trained_model
+    torch.manual_seed(1)
+    one = PGD(2 / 255, steps=3)
+    torch.manual_seed(1)
+    x1 = one(model, x, y)
+    torch.manual_seed(1)
+    x3 = PGD(2 / 255, steps=3, restarts=3)(model, x, y)
+    # with the same seed the first restart equals the single run; later ones only replace it
+    with torch.no_grad():
+        l1 = cross_entropy_per_sample(model(x1), y)
+        l3 = cross_entropy_per_sample(model(x3), y)
+        wrong1 = model(x1).argmax(1) != y
+        wrong3 = model(x3).argmax(1) != y
+    assert (wrong3 | ~wrong1).all(), "a sample fooled by one run must stay fooled"
+    keep = wrong1 == wrong3
+    assert (l3[keep] >= l1[keep] - 1e-5).all()
+
+
+def test_parameter_grads_untouched(trained_model):
+    model, x, y = trained_model
+    for p in model.parameters():
+        assert p.grad is None
+    PGD(EPS, steps=2)(model, x, y)
+    assert all(p.grad is None for p in model.parameters())
+    # existing grads are left exactly as they were
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    FGSM(EPS)(model, x, y)
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    for p in model.parameters():
+        p.grad = None
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("start_training", [True, False])
+def test_mode_and_batchnorm_restored(mode, start_training):
+    torch.manual_seed(0)
+    model = small_cnn(3, width=4, dropout=0.2)
+    model.train(start_training)
+    model.net.head[1].eval()  # a submodule in a mode different from its parent
+    modes = {name: m.training for name, m in model.named_modules()}
+    buffers = copy.deepcopy({k: v for k, v in model.state_dict().items()})
+    x = torch.rand(8, 3, 12, 12)
+    y = torch.randint(0, 3, (8,))
+    PGD(EPS, steps=3, model_mode=mode)(model, x, y)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]), f"{k} changed during the attack"
+
+
+def test_mode_restored_when_attack_raises():
+    model = small_cnn(3, width=4)
+    model.train()
+
+    def bad_loss(logits, y):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        PGD(EPS, steps=2)(model, torch.rand(2, 3, 8, 8), torch.zeros(2, dtype=torch.long),
+                          loss_fn=bad_loss)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_attack_mode_eval_switches_and_freezes():
+    model = small_cnn(3, width=4).train()
+    with attack_mode(model, "eval"):
+        assert not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="mode"):
+        with attack_mode(model, "nope"):
+            pass
+
+
+def test_multilabel_bce_path():
+    from datamodules.synthetic import make_synthetic
+
+    torch.manual_seed(0)
+    x, y = make_synthetic(256, 5, image_size=16, task="multilabel", signal_amplitude=0.15)
+    assert y.shape == (256, 5) and set(y.unique().tolist()) <= {0.0, 1.0}
+    model = small_cnn(5, width=8)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        for i in range(0, 256, 64):
+            loss = bce_per_sample(model(x[i:i + 64]), y[i:i + 64]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    x_adv = PGD(EPS, steps=5)(model, x, y, loss_fn=bce_per_sample)
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert _loss(model, x_adv, y, bce_per_sample) > _loss(model, x, y, bce_per_sample) + 0.05
+    torch.manual_seed(0)
+    x_r = PGD(EPS, steps=2, restarts=2)(model, x, y, loss_fn=bce_per_sample)
+    assert x_r.shape == x.shape
+
+
+def test_works_under_bf16_autocast(trained_model):
+    model, x, y = trained_model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = PGD(EPS, steps=3)(model, x[:32], y[:32])
+    assert x_adv.dtype == torch.float32
+    delta = (x_adv - x[:32]).abs()
+    assert delta.max() <= EPS + 1e-6
+    # the gradient was not lost: most pixels moved, and the loss went up
+    assert (delta > 0).float().mean() > 0.5
+    assert _loss(model, x_adv, y[:32]) > _loss(model, x[:32], y[:32])
+
+
+def test_step_size_default_and_with_eps():
+    atk = PGD("8/255", steps=10)
+    assert atk.eps == pytest.approx(8 / 255)
+    assert atk.step_size == pytest.approx(2.5 * 8 / 255 / 10)
+    fixed = PGD(8 / 255, steps=10, step_size="2/255").with_eps(4 / 255)
+    assert fixed.eps == pytest.approx(4 / 255) and fixed.step_size == pytest.approx(1 / 255)
+    assert FGSM(0.1).with_eps(0.2).step_size == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(eps=-0.1), "eps"), (dict(eps="-1/255"), "eps"), (dict(eps="abc"), "eps"),
+    (dict(steps=0), "steps"), (dict(restarts=0), "restarts"), (dict(norm="l7"), "norm"),
+])
+def test_bad_arguments(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PGD(**{"eps": 0.1, **bad})
+
+
+def test_parse_eps():
+    assert parse_eps("8/255") == pytest.approx(8 / 255)
+    assert parse_eps(0.5) == 0.5
+    assert parse_eps("0.25") == 0.25
+    with pytest.raises(ValueError):
+        parse_eps("__import__('os')")
+    with pytest.raises(ValueError):
+        parse_eps(True)

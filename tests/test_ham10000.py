@@ -1,0 +1,127 @@
+"""HAM10000 loading and the lesion-grouped split: tiny fixtures, and ../shared when present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from datamodules.ham10000 import HAM10000_CLASSES, HAM10000DataModule, lesion_grouped_split
+from tests.conftest import SHARED_HAM
+from train import train
+
+
+def _dm(data_dir, **kw):
+    return HAM10000DataModule(data_dir=None if data_dir is None else str(data_dir), image_size=16, num_workers=0,
+                              batch_size=8, **kw)
+
+
+def test_fixture_loads_and_splits_by_lesion(ham_dir):
+    dm = _dm(ham_dir)
+    frame = dm.frame
+    lesions = {s: set(frame["lesion_id"].iloc[idx]) for s, idx in dm.split_idx.items()}
+    assert not (lesions["train"] & lesions["val"]) and not (lesions["train"] & lesions["test"])
+    assert not (lesions["val"] & lesions["test"])
+    all_idx = np.concatenate(list(dm.split_idx.values()))
+    assert sorted(all_idx.tolist()) == list(range(len(frame)))
+    for split in ("train", "val", "test"):  # stratified: every class in every split
+        assert all(v > 0 for v in dm.class_counts(split).values()), split
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1 and y.dtype == torch.long
+    assert set(y.tolist()) <= set(range(7))
+
+
+def test_preload_gives_same_pixels(ham_dir):
+    plain, pre = _dm(ham_dir, augment=False), _dm(ham_dir, augment=False, preload=True)
+    plain.setup("fit")
+    pre.setup("fit")
+    for i in (0, 3, len(plain.datasets["val"]) - 1):
+        a, b = plain.datasets["val"][i], pre.datasets["val"][i]
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        _dm(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="data_dir"):
+        _dm(None)
+
+
+def test_missing_metadata(tmp_path):
+    with pytest.raises(FileNotFoundError, match="HAM10000_metadata.csv"):
+        _dm(tmp_path)
+
+
+def test_metadata_without_columns(ham_dir):
+    meta = ham_dir / "HAM10000_metadata.csv"
+    pd.read_csv(meta).drop(columns=["lesion_id"]).to_csv(meta, index=False)
+    with pytest.raises(ValueError, match=r"HAM10000_metadata.csv lacks the columns \['lesion_id'\]"):
+        _dm(ham_dir)
+
+
+def test_image_listed_but_absent(ham_dir):
+    victim = next((ham_dir / "HAM10000_images_part_2").glob("*.jpg"))
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.stem):
+        _dm(ham_dir)
+
+
+def test_unknown_label(ham_dir):
+    meta = ham_dir / "HAM10000_metadata.csv"
+    frame = pd.read_csv(meta)
+    frame.loc[0, "dx"] = "melanoma??"
+    frame.to_csv(meta, index=False)
+    with pytest.raises(ValueError, match="melanoma"):
+        _dm(ham_dir)
+
+
+def test_corrupt_image_names_file(ham_dir):
+    dm = _dm(ham_dir, augment=False)
+    dm.setup("fit")
+    path = dm.datasets["train"].paths[0]
+    with open(path, "wb") as fh:
+        fh.write(b"not a jpeg")
+    with pytest.raises(OSError, match=path.split("/")[-1]):
+        dm.datasets["train"][0]
+
+
+def test_split_function_keeps_groups_apart():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(300), rng.integers(1, 4, size=300))
+    labels = groups % 3
+    split = lesion_grouped_split(labels, groups, 0.15, 0.15, seed=0)
+    seen = [set(groups[idx]) for idx in split.values()]
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    with pytest.raises(ValueError, match="val_fraction"):
+        lesion_grouped_split(labels, groups, 0.0, 0.15, seed=0)
+
+
+def test_train_py_on_fixture(train_cfg, ham_dir):
+    result = train(train_cfg("datamodule=ham10000", f"datamodule.data_dir={ham_dir}",
+                             "datamodule.image_size=16", "datamodule.num_workers=0",
+                             "datamodule.batch_size=8", "backbone.width=8"))
+    assert 0 <= result["test"]["test/adv_bal_acc"] <= 1
+
+
+@pytest.mark.skipif(not SHARED_HAM.is_dir(), reason="../shared/datasets/ham10000 not present")
+def test_shared_ham10000_release():
+    dm = HAM10000DataModule(data_dir=str(SHARED_HAM), image_size=32, num_workers=0)
+    frame = dm.frame
+    assert len(frame) == 10015 and frame["lesion_id"].nunique() == 7470
+    counts = frame["dx"].value_counts().to_dict()
+    assert counts == {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327,
+                      "vasc": 142, "df": 115}
+    lesions = {s: set(frame["lesion_id"].iloc[idx]) for s, idx in dm.split_idx.items()}
+    assert not (lesions["train"] & lesions["val"]) and not (lesions["train"] & lesions["test"])
+    assert not (lesions["val"] & lesions["test"])
+    n = {s: len(idx) for s, idx in dm.split_idx.items()}
+    assert 0.10 < n["test"] / 10015 < 0.20 and 0.10 < n["val"] / 10015 < 0.20
+    for split in ("val", "test"):  # class proportions roughly kept (stratified)
+        frac_nv = dm.class_counts(split)["nv"] / n[split]
+        assert 0.6 < frac_nv < 0.74
+    dm.setup("test")
+    x, y = dm.datasets["test"][0]
+    assert x.shape == (3, 32, 32) and 0 <= y < len(HAM10000_CLASSES)
