@@ -204,3 +204,17 @@ def test_parse_eps():
         parse_eps("__import__('os')")
     with pytest.raises(ValueError):
         parse_eps(True)
+
+
+def test_train_mode_attack_after_a_training_forward_keeps_backward_valid():
+    """A graph built before a train-mode attack must still backpropagate afterwards
+    (BatchNorm buffers saved for backward are never written in place)."""
+    torch.manual_seed(0)
+    model = small_cnn(3, width=4).train()
+    x, y = torch.rand(8, 3, 12, 12), torch.randint(0, 3, (8,))
+    loss = cross_entropy_per_sample(model(x), y).mean()
+    running = model.net.features[1].running_mean.clone()
+    PGD(EPS, steps=2, model_mode="train")(model, x, y)
+    assert torch.equal(model.net.features[1].running_mean, running)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())

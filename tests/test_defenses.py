@@ -26,7 +26,7 @@ def test_none_is_clean_cross_entropy(batch):
 
 def test_pgd_at_trains_on_adversarial_examples(batch):
     model, x, y = batch
-    attack = PGD(8 / 255, steps=2)
+    attack = PGD(8 / 255, steps=2, model_mode="train")  # batch statistics: order-independent
     torch.manual_seed(1)
     out = AdversarialTraining({"pgd": attack})(model, x, y, cross_entropy_per_sample)
     torch.manual_seed(1)
@@ -40,9 +40,9 @@ def test_pgd_at_trains_on_adversarial_examples(batch):
 
 def test_weights_and_clean_mix(batch):
     model, x, y = batch
-    d = AdversarialTraining({"fgsm": FGSM(4 / 255)}, weights={"fgsm": 0.5}, clean_weight=0.5)
+    d = AdversarialTraining({"fgsm": FGSM(4 / 255, model_mode="train")}, weights={"fgsm": 0.5}, clean_weight=0.5)
     out = d(model, x, y, cross_entropy_per_sample)
-    x_adv = FGSM(4 / 255)(model, x, y)
+    x_adv = FGSM(4 / 255, model_mode="train")(model, x, y)
     expected = 0.5 * F.cross_entropy(model(x), y) + 0.5 * F.cross_entropy(model(x_adv), y)
     assert torch.allclose(out.loss, expected, atol=1e-5)
     assert out.logits_clean is not None and out.logits_adv is not None

@@ -30,13 +30,15 @@ def attack_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
         raise ValueError(f"attack model mode={mode!r} is not supported; choose one of {MODES}")
     training = {m: m.training for m in model.modules()}
     params = [p for p in model.parameters() if p.requires_grad]
-    bn_state: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if mode == "train":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase):
-                for buf in m.buffers(recurse=False):
-                    bn_state.append((buf, buf.detach().clone()))
+    bn_state: list[tuple[nn.Module, str, torch.Tensor]] = []
     try:
+        if mode == "train":
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._NormBase):
+                    for name, buf in list(m._buffers.items()):
+                        if buf is not None:
+                            bn_state.append((m, name, buf))
+                            m._buffers[name] = buf.detach().clone()
         for p in params:
             p.requires_grad_(False)
         if mode == "eval":
@@ -47,6 +49,5 @@ def attack_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
             p.requires_grad_(True)
         for m, was_training in training.items():
             m.training = was_training
-        with torch.no_grad():
-            for buf, saved in bn_state:
-                buf.copy_(saved)
+        for m, name, buf in bn_state:
+            m._buffers[name] = buf
