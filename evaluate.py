@@ -208,7 +208,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"task {report['task']}",
         f"- backbone `{report['backbone']}`, defense `{report['defense']}`, trained at "
         f"{report['train_threat']}",
-        f"- clean: " + ", ".join(f"{k} {v:.4f}" for k, v in report["clean"].items()),
+        "- clean: " + ", ".join(f"{k} {v:.4f}" for k, v in report["clean"].items()),
         "",
         f"| attack | norm | eps | steps | restarts | acc | {score} |",
         "|---|---|---|---|---|---|---|",

@@ -19,13 +19,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from .base import SplitDataModule
 
 __all__ = ["HAM10000DataModule", "HAM10000_CLASSES", "lesion_grouped_split"]
 
@@ -94,7 +95,7 @@ def default_train_transform():
     return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)])
 
 
-class HAM10000DataModule(L.LightningDataModule):
+class HAM10000DataModule(SplitDataModule):
     """HAM10000 from ``data_dir`` in the official layout; see the module docstring.
 
     Args:
@@ -144,7 +145,6 @@ class HAM10000DataModule(L.LightningDataModule):
             self.frame["label"].to_numpy(), self.frame["lesion_id"].to_numpy(),
             val_fraction, test_fraction, seed,
         )
-        self.datasets: dict[str, ImageListDataset] = {}
 
     @staticmethod
     def _read_index(data_dir: str | None, metadata_file: str, limit: int | None) -> pd.DataFrame:
@@ -209,22 +209,3 @@ class HAM10000DataModule(L.LightningDataModule):
         labels = self.frame["label"].iloc[self.split_idx[split]]
         counts = labels.value_counts().to_dict()
         return {c: int(counts.get(i, 0)) for i, c in enumerate(HAM10000_CLASSES)}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        hp = self.hparams
-        bs = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
-        ds = self.datasets[split]
-        return DataLoader(
-            ds, batch_size=bs, shuffle=shuffle, num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0,
-            drop_last=shuffle and len(ds) > bs,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

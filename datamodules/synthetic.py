@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_modules.attacks.losses import TASKS
+
+from .base import SplitDataModule
 
 __all__ = ["SyntheticDataModule", "make_synthetic"]
 
@@ -85,7 +86,7 @@ def make_synthetic(
     return img.clamp_(0.0, 1.0).contiguous(), labels
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(SplitDataModule):
     """Seeded synthetic train/val/test splits (see module docstring); nothing on disk."""
 
     def __init__(
@@ -119,10 +120,9 @@ class SyntheticDataModule(L.LightningDataModule):
         self.in_chans = in_chans
         self.task = task
         self.class_names = [f"stripes_{i * 180 // num_classes}deg" for i in range(num_classes)]
-        self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if self.datasets:
             return
         hp = self.hparams
         for offset, (split, n) in enumerate(
@@ -132,22 +132,4 @@ class SyntheticDataModule(L.LightningDataModule):
                 n, hp.num_classes, hp.image_size, hp.in_chans, hp.task,
                 hp.signal_amplitude, hp.noise_std, seed=hp.seed + 7919 * offset,
             )
-            self.splits[split] = TensorDataset(x, y)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        hp = self.hparams
-        bs = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
-        return DataLoader(
-            self.splits[split], batch_size=bs, shuffle=shuffle, num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0,
-            drop_last=shuffle and len(self.splits[split]) > bs,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+            self.datasets[split] = TensorDataset(x, y)
