@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,6 +27,7 @@ from lightning_modules.attacks import loss_for_task, parse_eps
 from lightning_modules.metrics import SCORE_METRIC, build_metrics
 from lightning_modules.utils import (
     ConfigError,
+    exit_on_config_error,
     format_eps,
     instantiate_node,
     register_resolvers,
@@ -222,12 +222,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_config_error(log):
         report = evaluate(cfg)
-    except ConfigError as err:
-        log.error("%s", err)
-        print(f"medrobust: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
     print(summary_markdown(report), flush=True)
     print(f"report written to {report['output_dir']}", flush=True)
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.utils import (
     ConfigError,
+    exit_on_config_error,
     format_eps,
     instantiate_dict,
     instantiate_node,
@@ -158,11 +159,8 @@ def _finish_wandb() -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = train(cfg)
-    except ConfigError as err:
-        log.error("%s", err)
-        print(f"medrobust: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        with exit_on_config_error(log):
+            metrics = train(cfg)
     finally:
         _finish_wandb()
     key = cfg.get("optimized_metric")

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ __all__ = [
     "format_eps",
     "write_json",
     "register_resolvers",
+    "exit_on_config_error",
 ]
 
 
@@ -103,3 +107,14 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("eps"):
         OmegaConf.register_new_resolver("eps", lambda v: parse_eps(v))
+
+
+@contextmanager
+def exit_on_config_error(log: logging.Logger) -> Iterator[None]:
+    """For entry points: a :class:`ConfigError` becomes one line on stderr and exit code 2."""
+    try:
+        yield
+    except ConfigError as err:
+        log.error("%s", err)
+        print(f"medrobust: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
