@@ -41,6 +41,8 @@ class RobustClassifier(L.LightningModule):
         scheduler: optional ``functools.partial`` of a scheduler taking ``optimizer``.
         train_clean_metrics: when the defense has no clean forward pass, spend one extra
             no-grad forward per batch to log clean training metrics.
+        eps_warmup_epochs: ramp every training attack's eps (and step) linearly from 0 to its
+            configured value over this many epochs, updated every batch (0 = off).
         class_names: optional names, stored in checkpoints for reports.
     """
 
@@ -55,6 +57,7 @@ class RobustClassifier(L.LightningModule):
         scheduler: Any = None,
         train_clean_metrics: bool = True,
         class_names: list[str] | None = None,
+        eps_warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__()
         # Only plain values go into checkpoints (they load with torch.load(weights_only=True)).
@@ -75,6 +78,8 @@ class RobustClassifier(L.LightningModule):
             for stage in ("train", "val", "test") for kind in ("clean", "adv")
         })
         self.val_score_best = MaxMetric()
+        if eps_warmup_epochs < 0:
+            raise ValueError(f"module.eps_warmup_epochs={eps_warmup_epochs} must be >= 0")
         self.run_config: dict | None = None  # resolved Hydra config, stored in checkpoints
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +90,21 @@ class RobustClassifier(L.LightningModule):
         return y.long()
 
     # ----------------------------------------------------------------------------- training
+    def eps_scale(self, batch_idx: int) -> float:
+        """Warm-up factor in [0, 1] for the current training batch."""
+        warmup = self.hparams.eps_warmup_epochs
+        if warmup <= 0:
+            return 1.0
+        n_batches = max(1, int(self.trainer.num_training_batches or 1))
+        progress = self.current_epoch + (batch_idx + 1) / n_batches
+        return min(1.0, progress / warmup)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self.hparams.eps_warmup_epochs > 0:
+            scale = self.eps_scale(batch_idx)
+            self.defense.set_eps_scale(scale)
+            self.log("train/eps_scale", scale, on_step=False, on_epoch=True)
         out = self.defense(self.net, x, y, self.loss_fn)
         logits_clean = out.logits_clean
         if logits_clean is None and self.hparams.train_clean_metrics:

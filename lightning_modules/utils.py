@@ -102,11 +102,15 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def register_resolvers() -> None:
-    """OmegaConf resolvers: ``${eps:8/255}`` -> 0.03137 (a fraction, never ``eval``)."""
+    """OmegaConf resolvers (fractions parsed, never ``eval``):
+    ``${eps:8/255}`` -> 0.03137; ``${mul:8/255,0.5}`` -> 0.01569 (eps times a factor)."""
     from .attacks.threat import parse_eps
 
     if not OmegaConf.has_resolver("eps"):
         OmegaConf.register_new_resolver("eps", lambda v: parse_eps(v))
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver(
+            "mul", lambda v, k: parse_eps(v, "eps") * parse_eps(k, "factor"))
 
 
 @contextmanager

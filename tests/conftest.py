@@ -14,6 +14,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
+from lightning_modules.utils import register_resolvers
+
+register_resolvers()
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_HAM = ROOT.parent / "shared" / "datasets" / "ham10000"

@@ -6,9 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.attacks import FGSM, PGD, cross_entropy_per_sample
+from lightning_modules.attacks import FGSM, NFGSM, PGD, bce_per_sample, cross_entropy_per_sample
 from lightning_modules.backbones import small_cnn
-from lightning_modules.defenses import AdversarialTraining, NoDefense
+from lightning_modules.defenses import (
+    TRADES,
+    AdversarialTraining,
+    MisclassificationAwareAT,
+    MPAdvT,
+    NoDefense,
+)
+from lightning_modules.defenses.divergences import kl_per_sample, true_class_prob
+from lightning_modules.defenses.misclassification_aware import (
+    boosted_ce,
+    misclassification_aware_loss,
+)
 
 
 @pytest.fixture
@@ -55,3 +66,177 @@ def test_bad_weights():
         AdversarialTraining({"pgd": PGD(0.1)}, clean_weight=-1)
     with pytest.raises(ValueError, match="empty"):
         AdversarialTraining({})
+
+
+# ------------------------------------------------------------------ published formulas (issue 4)
+
+
+def test_kl_matches_torch_and_bernoulli_is_two_class_softmax():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 4), torch.randn(5, 4)
+    ref = F.kl_div(F.log_softmax(b, 1), F.softmax(a, 1), reduction="none").sum(1)
+    assert torch.allclose(kl_per_sample(a, b, "multiclass"), ref, atol=1e-6)
+    # a Bernoulli with logit z is a 2-class softmax over logits [0, z]
+    za, zb = torch.randn(5, 3), torch.randn(5, 3)
+    two = sum(kl_per_sample(torch.stack([torch.zeros(5), za[:, j]], 1),
+                            torch.stack([torch.zeros(5), zb[:, j]], 1), "multiclass")
+              for j in range(3))
+    assert torch.allclose(kl_per_sample(za, zb, "multilabel"), two, atol=1e-5)
+    assert torch.allclose(kl_per_sample(a, a, "multiclass"), torch.zeros(5), atol=1e-6)
+
+
+def test_trades_beta_zero_is_clean_cross_entropy(batch):
+    model, x, y = batch
+    model.eval()
+    out = TRADES(PGD(8 / 255, steps=2, random_start="normal"), beta=0.0)(
+        model, x, y, cross_entropy_per_sample)
+    assert torch.allclose(out.loss, F.cross_entropy(model(x), y), atol=1e-6)
+
+
+def test_trades_formula(batch):
+    model, x, y = batch
+    model.eval()  # BatchNorm on running stats: every forward is the same function
+    attack = PGD(8 / 255, steps=3, random_start="normal")
+    torch.manual_seed(3)
+    out = TRADES(attack, beta=6.0)(model, x, y, cross_entropy_per_sample)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        target = model(x)
+    x_adv = attack(model, x, y, loss_fn=lambda z, _y: kl_per_sample(target, z, "multiclass"))
+    p_log = F.log_softmax(model(x), 1)
+    q_log = F.log_softmax(model(x_adv), 1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(1).mean()
+    expected = F.cross_entropy(model(x), y) + 6.0 * kl
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    assert kl > 0  # the inner maximisation moved the prediction
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_mart_hand_computed_example():
+    # one sample, 3 classes, true class 0
+    zc = torch.tensor([[2.0, 0.0, -1.0]])
+    za = torch.tensor([[0.5, 1.0, -1.0]])
+    y = torch.tensor([0])
+    p, q = F.softmax(zc, 1)[0], F.softmax(za, 1)[0]
+    bce = -torch.log(q[0]) - torch.log(1.0001 - q[1])  # class 1 is the top wrong class
+    kl = (p * (p.log() - q.log())).sum()
+    weight = 1.0000001 - p[0]  # MART's weight is 1 - p_y on the clean input
+    expected = bce + 6.0 * kl * weight
+    assert torch.allclose(boosted_ce(za, y, "multiclass"), bce.view(1), atol=1e-6)
+    assert torch.allclose(misclassification_aware_loss(zc, za, y, 6.0), expected, atol=1e-6)
+    assert torch.allclose(true_class_prob(zc, y, "multiclass"), p[0].view(1))
+    # a confidently right clean prediction switches the KL term off
+    sure = torch.tensor([[30.0, 0.0, 0.0]])
+    assert misclassification_aware_loss(sure, za, y, 6.0) == pytest.approx(
+        boosted_ce(za, y, "multiclass").item(), abs=1e-4)
+
+
+def test_maadvt_multilabel_per_finding_weights():
+    zc = torch.tensor([[1.0, -2.0]])
+    za = torch.tensor([[-0.5, 0.5]])
+    y = torch.tensor([[1.0, 0.0]])
+    pc, pa = torch.sigmoid(zc)[0], torch.sigmoid(za)[0]
+    p_true = torch.stack([pc[0], 1 - pc[1]])
+    q_true = torch.stack([pa[0], 1 - pa[1]])
+    kl = pc * (pc / pa).log() + (1 - pc) * ((1 - pc) / (1 - pa)).log()
+    bce = -q_true.log() - torch.log(1.0001 - (1 - q_true))
+    expected = (bce + 2.0 * kl * (1.0000001 - p_true)).sum()
+    assert torch.allclose(misclassification_aware_loss(zc, za, y, 2.0), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("make", [
+    lambda: TRADES(PGD(8 / 255, steps=2, random_start="normal"), beta=1.0),
+    lambda: MisclassificationAwareAT(PGD(8 / 255, steps=2), beta=6.0),
+    lambda: MPAdvT([{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}]),
+    lambda: MPAdvT([{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}],
+                   mode="all_levels", clean_weight=0.3),
+    lambda: AdversarialTraining({"n": NFGSM(8 / 255)}),
+])
+def test_defense_loss_finite_and_differentiable(make, task):
+    torch.manual_seed(0)
+    model = small_cnn(3, width=4).train()
+    x = torch.rand(8, 3, 12, 12)
+    if task == "multiclass":
+        y, loss_fn = torch.randint(0, 3, (8,)), cross_entropy_per_sample
+    else:
+        y, loss_fn = (torch.rand(8, 3) < 0.5).float(), bce_per_sample
+    out = make()(model, x, y, loss_fn)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_mpadvt_draws_levels_as_configured():
+    levels = [{"eps": "1/255", "steps": 1}, {"eps": "2/255", "steps": 1},
+              {"eps": "4/255", "steps": 2}, {"eps": "8/255", "steps": 2}]
+    g = torch.Generator().manual_seed(0)
+    uniform = MPAdvT(levels).draw_levels(40000, g)
+    freq = torch.bincount(uniform, minlength=4).float() / 40000
+    assert torch.allclose(freq, torch.full((4,), 0.25), atol=0.01)
+    skewed = MPAdvT(levels, probs=[0, 3, 1, 0]).draw_levels(40000, g)
+    freq = torch.bincount(skewed, minlength=4).float() / 40000
+    assert freq[0] == 0 and freq[3] == 0 and abs(freq[1] - 0.75) < 0.01
+    only = MPAdvT(levels, probs=[0, 0, 1, 0])
+    assert [a.eps for a in only.attacks.values()] == pytest.approx(
+        [1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    assert [a.steps for a in only.attacks.values()] == [1, 1, 2, 2]
+
+
+def test_mpadvt_per_sample_perturbation_matches_drawn_level(monkeypatch):
+    torch.manual_seed(0)
+    model = small_cnn(3, width=4).eval()
+    x, y = torch.rand(16, 3, 12, 12) * 0.5 + 0.25, torch.randint(0, 3, (16,))
+    d = MPAdvT([{"eps": "1/255", "steps": 2}, {"eps": "8/255", "steps": 2}])
+    draw = torch.tensor([0, 1] * 8)
+    monkeypatch.setattr(d, "draw_levels", lambda n, generator=None: draw)
+    orig_forward = model.forward
+    calls = []
+    model.forward = lambda inp: (calls.append(inp), orig_forward(inp))[1]
+    d(model, x, y, cross_entropy_per_sample)
+    x_adv = calls[-1]  # the training forward gets the assembled adversarial batch
+    linf = (x_adv - x).abs().flatten(1).max(1).values
+    assert (linf[draw == 0] <= 1 / 255 + 1e-6).all()
+    assert (linf[draw == 1] <= 8 / 255 + 1e-6).all() and (linf[draw == 1] > 2 / 255).all()
+
+
+def test_mpadvt_bad_config():
+    with pytest.raises(ValueError, match="levels"):
+        MPAdvT([])
+    with pytest.raises(ValueError, match="levels\\[0\\]"):
+        MPAdvT([{"eps": 0.1}])
+    with pytest.raises(ValueError, match="mode"):
+        MPAdvT([{"eps": 0.1, "steps": 1}], mode="some")
+    with pytest.raises(ValueError, match="probs"):
+        MPAdvT([{"eps": 0.1, "steps": 1}], probs=[0.5, 0.5])
+
+
+def test_n_fgsm_not_projected_but_in_pixel_range():
+    torch.manual_seed(0)
+    model = small_cnn(3, width=4).eval()
+    x, y = torch.rand(32, 3, 12, 12) * 0.6 + 0.2, torch.randint(0, 3, (32,))
+    eps = 8 / 255
+    x_adv = NFGSM(eps)(model, x, y)
+    delta = (x_adv - x).abs()
+    assert delta.max() <= 3 * eps + 1e-6 and delta.max() > eps  # noise 2 eps + step eps
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_fast_at_step_and_eps_warmup_scale():
+    rs = PGD(8 / 255, steps=1, step_size_rel=1.25)
+    assert rs.step_size == pytest.approx(1.25 * 8 / 255)
+    d = AdversarialTraining({"rs": rs})
+    d.set_eps_scale(0.5)
+    assert rs.eps == pytest.approx(4 / 255) and rs.step_size == pytest.approx(1.25 * 4 / 255)
+    torch.manual_seed(0)
+    model = small_cnn(3, width=4).eval()
+    x, y = torch.rand(8, 3, 12, 12) * 0.5 + 0.25, torch.randint(0, 3, (8,))
+    assert (rs(model, x, y) - x).abs().max() <= 4 / 255 + 1e-6
+    d.set_eps_scale(1.0)
+    assert rs.eps == pytest.approx(8 / 255)
+    fixed = PGD(8 / 255, steps=4, step_size="2/255")
+    fixed.set_eps_scale(0.25)
+    assert fixed.step_size == pytest.approx(0.5 / 255)

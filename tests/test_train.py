@@ -31,9 +31,12 @@ def _assert_run_outputs(result: dict, task: str = "multiclass") -> None:
     assert saved["test"] == pytest.approx(result["test"])
 
 
-@pytest.mark.parametrize("defense", ["none", "fgsm_at", "pgd_at", "fgsm_pgd_at"])
+DEFENSES = sorted(p.stem for p in (ROOT / "conf" / "defense").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("defense", DEFENSES)
 def test_each_defense_trains(train_cfg, defense):
-    result = train(train_cfg(f"defense={defense}"))
+    result = train(train_cfg(f"defense={defense}", "module.eps_warmup_epochs=1"))
     _assert_run_outputs(result)
     assert result["defense"]["defense"] == defense
     csv_log = Path(result["output_dir"]) / "csv" / "metrics.csv"
@@ -44,9 +47,12 @@ def test_each_defense_trains(train_cfg, defense):
         assert "train/adv_acc" in header
 
 
-def test_multilabel_end_to_end(train_cfg):
-    result = train(train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3"))
+@pytest.mark.parametrize("defense", DEFENSES)
+def test_each_defense_trains_multilabel(train_cfg, defense):
+    result = train(train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3",
+                             f"defense={defense}"))
     _assert_run_outputs(result, task="multilabel")
+    assert result["defense"]["defense"] == defense
 
 
 def test_bf16_mixed_runs(train_cfg):

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["LossFn", "cross_entropy_per_sample", "bce_per_sample", "loss_for_task", "TASKS"]
+__all__ = [
+    "LossFn", "cross_entropy_per_sample", "bce_per_sample", "loss_for_task", "TASKS",
+    "task_of", "predictions_wrong",
+]
 
 TASKS = ("multiclass", "multilabel")
 
@@ -46,3 +49,8 @@ def predictions_wrong(logits: torch.Tensor, target: torch.Tensor, task: str) -> 
     if task == "multiclass":
         return logits.argmax(dim=1) != target
     return ((logits > 0) != target.bool()).any(dim=1)
+
+
+def task_of(y: torch.Tensor) -> str:
+    """``multiclass`` for class-index targets ``(batch,)``, ``multilabel`` for ``(batch, labels)``."""
+    return "multiclass" if y.dim() == 1 else "multilabel"

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .losses import LossFn, cross_entropy_per_sample, predictions_wrong
+from .losses import LossFn, cross_entropy_per_sample, predictions_wrong, task_of
 from .mode import attack_mode
 from .threat import make_threat, parse_eps
 
-__all__ = ["PGD", "FGSM", "Attack"]
+__all__ = ["PGD", "FGSM", "NFGSM", "Attack"]
 
 _FP16_LOSS_SCALE = 1024.0
 
@@ -35,7 +35,11 @@ def _fp16_autocast_active(device_type: str) -> bool:
 
 
 class Attack:
-    """Base class: holds the threat model and the model mode used while attacking."""
+    """Base class: holds the threat model and the model mode used while attacking.
+
+    ``eps_scale`` (1 by default) multiplies the radius and the step size; defenses set it for
+    an epsilon warm-up (see ``Defense.set_eps_scale``).
+    """
 
     name = "attack"
 
@@ -45,16 +49,33 @@ class Attack:
         norm: str = "linf",
         model_mode: str = "eval",
     ) -> None:
-        self.threat = make_threat(norm, eps)
+        self._threat = make_threat(norm, eps)
         self.model_mode = model_mode
+        self.eps_scale = 1.0
+
+    @property
+    def base_eps(self) -> float:
+        return self._threat.eps
 
     @property
     def eps(self) -> float:
-        return self.threat.eps
+        return self._threat.eps * self.eps_scale
 
     @property
     def norm(self) -> str:
-        return self.threat.norm
+        return self._threat.norm
+
+    @property
+    def threat(self):
+        """The threat model at the current (possibly warmed-up) radius."""
+        if self.eps_scale == 1.0:
+            return self._threat
+        return make_threat(self.norm, self.eps)
+
+    def set_eps_scale(self, scale: float) -> None:
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"eps_scale={scale} must be in [0, 1]")
+        self.eps_scale = float(scale)
 
     def with_eps(self, eps: float | str) -> Attack:
         """A copy of this attack with another radius (step size scales with it)."""
@@ -74,6 +95,10 @@ class Attack:
         return f"{type(self).__name__}({args})"
 
 
+_STARTS = {True: "uniform", False: "none", "uniform": "uniform", "normal": "normal",
+           "none": "none"}
+
+
 class PGD(Attack):
     """Projected gradient ascent on a per-sample loss inside an L-inf or L2 ball.
 
@@ -81,12 +106,15 @@ class PGD(Attack):
         eps: radius of the ball in [0, 1] pixel units (float or a fraction string, "8/255").
         steps: number of gradient steps (>= 1).
         step_size: ascent step in pixel units; ``None`` means ``2.5 * eps / steps`` (Madry et al.).
+        step_size_rel: alternatively the step as a multiple of eps (e.g. 1.25 for the fast
+            FGSM of Wong et al. 2020); exclusive with ``step_size``.
         norm: ``"linf"`` or ``"l2"``.
-        random_start: start from a uniform random point in the ball (Madry et al.).
+        random_start: ``True``/``"uniform"`` (uniform in the ball, Madry et al.), ``"normal"``
+            (``x + 0.001 * N(0, 1)``, as in TRADES) or ``False``.
         restarts: independent random restarts; per sample the strongest result is kept
             (a misclassified example first, then the highest loss). Use > 1 for evaluation.
         model_mode: ``"eval"`` (BatchNorm running statistics) or ``"train"`` (batch statistics,
-            running statistics restored afterwards); see :func:`attack_mode`.
+            running statistics untouched); see :func:`attack_mode`.
 
     Example:
         >>> attack = PGD(eps="8/255", steps=10)
@@ -101,40 +129,47 @@ class PGD(Attack):
         steps: int = 10,
         step_size: float | str | None = None,
         norm: str = "linf",
-        random_start: bool = True,
+        random_start: bool | str = True,
         restarts: int = 1,
         model_mode: str = "eval",
+        step_size_rel: float | None = None,
     ) -> None:
         super().__init__(eps=eps, norm=norm, model_mode=model_mode)
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps={steps!r} must be an integer >= 1")
         if int(restarts) != restarts or restarts < 1:
             raise ValueError(f"restarts={restarts!r} must be an integer >= 1")
+        if random_start not in _STARTS:
+            raise ValueError(f"random_start={random_start!r} must be true, false, 'uniform' "
+                             "or 'normal'")
+        if step_size is not None and step_size_rel is not None:
+            raise ValueError("give step_size or step_size_rel, not both")
         self.steps = int(steps)
         self.restarts = int(restarts)
-        self.random_start = bool(random_start)
+        self.start = _STARTS[random_start]
         self._step_size = None if step_size is None else parse_eps(step_size, "step_size")
+        self._step_rel = None if step_size_rel is None else parse_eps(step_size_rel,
+                                                                      "step_size_rel")
+
+    @property
+    def random_start(self) -> bool:
+        return self.start != "none"
 
     @property
     def step_size(self) -> float:
         if self._step_size is not None:
-            return self._step_size
+            return self._step_size * self.eps_scale
+        if self._step_rel is not None:
+            return self._step_rel * self.eps
         return 2.5 * self.eps / self.steps
 
     def with_eps(self, eps: float | str) -> PGD:
-        ratio = None
-        if self._step_size is not None and self.eps > 0:
-            ratio = self._step_size / self.eps
         new_eps = parse_eps(eps)
-        return type(self)(
-            eps=new_eps,
-            steps=self.steps,
-            step_size=None if ratio is None else ratio * new_eps,
-            norm=self.norm,
-            random_start=self.random_start,
-            restarts=self.restarts,
-            model_mode=self.model_mode,
-        )
+        rel = self._step_rel
+        if self._step_size is not None:
+            rel = self._step_size / self.base_eps if self.base_eps > 0 else None
+        return PGD(eps=new_eps, steps=self.steps, norm=self.norm, random_start=self.start,
+                   restarts=self.restarts, model_mode=self.model_mode, step_size_rel=rel)
 
     def describe(self) -> dict:
         return {
@@ -143,7 +178,7 @@ class PGD(Attack):
             "eps": self.eps,
             "steps": self.steps,
             "step_size": self.step_size,
-            "random_start": self.random_start,
+            "random_start": self.start,
             "restarts": self.restarts,
         }
 
@@ -151,7 +186,12 @@ class PGD(Attack):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
     ) -> torch.Tensor:
         threat = self.threat
-        x_adv = threat.random_init(x) if self.random_start else x.clone()
+        if self.start == "uniform":
+            x_adv = threat.random_init(x)
+        elif self.start == "normal":
+            x_adv = threat.project(x + 0.001 * torch.randn_like(x), x)
+        else:
+            x_adv = x.clone()
         scale = _FP16_LOSS_SCALE if _fp16_autocast_active(x.device.type) else 1.0
         step_size = self.step_size
         for _ in range(self.steps):
@@ -191,8 +231,7 @@ class PGD(Attack):
         is misclassified (single-label: argmax wrong; multi-label: any finding wrong at 0.5)."""
         with torch.no_grad():
             logits = model(x_adv)
-            task = "multiclass" if y.dim() == 1 else "multilabel"
-            wrong = predictions_wrong(logits, y, task)
+            wrong = predictions_wrong(logits, y, task_of(y))
             return loss_fn(logits, y).float() + 1e6 * wrong.float()
 
 
@@ -200,7 +239,8 @@ class FGSM(PGD):
     """Fast Gradient Sign Method (Goodfellow et al., ICLR 2015): one step of size ``eps``.
 
     With ``norm="l2"`` this is the fast gradient method (one normalised step of length eps).
-    ``random_start`` is off, as published; FGSM with random start is a PGD with ``steps=1``.
+    ``random_start`` is off, as published; for FGSM with random start (Wong et al. 2020) use
+    ``PGD(steps=1, step_size_rel=1.25)``.
     """
 
     name = "fgsm"
@@ -208,18 +248,54 @@ class FGSM(PGD):
     def __init__(
         self, eps: float | str = 8 / 255, norm: str = "linf", model_mode: str = "eval"
     ) -> None:
-        super().__init__(
-            eps=eps, steps=1, step_size=None, norm=norm, random_start=False, restarts=1,
-            model_mode=model_mode,
-        )
-
-    @property
-    def step_size(self) -> float:
-        return self.eps
+        super().__init__(eps=eps, steps=1, norm=norm, random_start=False, restarts=1,
+                         model_mode=model_mode, step_size_rel=1.0)
 
     def with_eps(self, eps: float | str) -> FGSM:
         return FGSM(eps=eps, norm=self.norm, model_mode=self.model_mode)
 
+
+class NFGSM(Attack):
+    """N-FGSM (de Jorge et al., "Make Some Noise", NeurIPS 2022): noise then one FGSM step.
+
+    ``x0 = x + U(-k*eps, k*eps)`` (``k = noise_mult``, 2 by default), then
+    ``x_adv = clip_[0,1](x0 + alpha * sign(grad))`` with ``alpha = step_size_rel * eps``
+    (1 by default). As published there is **no projection onto the eps ball**: the training
+    perturbation may reach ``(k + 1) * eps``; only the pixel range is enforced. L-inf only.
+    """
+
+    name = "n_fgsm"
+
+    def __init__(self, eps: float | str = 8 / 255, noise_mult: float = 2.0,
+                 step_size_rel: float = 1.0, norm: str = "linf",
+                 model_mode: str = "eval") -> None:
+        super().__init__(eps=eps, norm=norm, model_mode=model_mode)
+        if self.norm != "linf":
+            raise ValueError(f"n_fgsm supports norm='linf' only, got {norm!r}")
+        if noise_mult < 0 or step_size_rel < 0:
+            raise ValueError("noise_mult and step_size_rel must be >= 0")
+        self.noise_mult = float(noise_mult)
+        self.step_size_rel = float(step_size_rel)
+
+    def with_eps(self, eps: float | str) -> NFGSM:
+        return NFGSM(eps, self.noise_mult, self.step_size_rel, self.norm, self.model_mode)
+
     def describe(self) -> dict:
         return {"attack": self.name, "norm": self.norm, "eps": self.eps, "steps": 1,
-                "step_size": self.eps, "random_start": False, "restarts": 1}
+                "noise_mult": self.noise_mult, "step_size": self.step_size_rel * self.eps}
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None = None
+    ) -> torch.Tensor:
+        if self.eps == 0:
+            return x.detach().clone()
+        loss_fn = loss_fn or cross_entropy_per_sample
+        x = x.detach()
+        k_eps = self.noise_mult * self.eps
+        x0 = (x + torch.empty_like(x).uniform_(-k_eps, k_eps)).clamp_(0.0, 1.0)
+        scale = _FP16_LOSS_SCALE if _fp16_autocast_active(x.device.type) else 1.0
+        with attack_mode(model, self.model_mode), torch.enable_grad():
+            x0.requires_grad_(True)
+            loss = loss_fn(model(x0), y).sum() * scale
+            (grad,) = torch.autograd.grad(loss, x0)
+        return (x0.detach() + self.step_size_rel * self.eps * grad.sign()).clamp_(0.0, 1.0)

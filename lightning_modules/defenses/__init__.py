@@ -2,5 +2,9 @@
 
 from .adversarial_training import AdversarialTraining
 from .base import Defense, DefenseOutput, NoDefense
+from .misclassification_aware import MisclassificationAwareAT
+from .multi_perturbation import MPAdvT
+from .trades import TRADES
 
-__all__ = ["Defense", "DefenseOutput", "NoDefense", "AdversarialTraining"]
+__all__ = ["Defense", "DefenseOutput", "NoDefense", "AdversarialTraining", "TRADES",
+           "MisclassificationAwareAT", "MPAdvT"]

@@ -29,9 +29,16 @@ class DefenseOutput:
 
 
 class Defense:
-    """Base class. Subclasses implement :meth:`__call__`."""
+    """Base class. Subclasses implement :meth:`__call__` and keep their attacks in
+    ``self.attacks`` (name -> attack), so an epsilon warm-up reaches all of them."""
 
     name = "defense"
+    attacks: dict = {}
+
+    def set_eps_scale(self, scale: float) -> None:
+        """Scale every attack's eps (and step) by ``scale`` in [0, 1]: epsilon warm-up."""
+        for atk in self.attacks.values():
+            atk.set_eps_scale(scale)
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn

@@ -1,0 +1,117 @@
+"""MPAdvT: Multi-Perturbations Adversarial Training (Xu et al., Medical Image Analysis 2021).
+
+Training examples are attacked at several perturbation strengths, a list of levels
+``(eps_l, steps_l)`` (PGD with step ``step_size_rel * eps_l``, or 2.5 eps_l / steps_l).
+
+- ``per_sample``: each example draws one level at random (probabilities ``probs``, uniform by
+  default); costs about one attack per batch::
+
+      L = w_c * mean_i l(f(x_i), y_i) + (1 - w_c) * mean_i l(f(PGD_{l_i}(x_i)), y_i),  l_i ~ probs
+
+- ``all_levels``: every example is attacked at every level and the losses are averaged; costs
+  one attack per level::
+
+      L = w_c * mean_i l(f(x_i), y_i) + (1 - w_c) * mean_l mean_i l(f(PGD_l(x_i)), y_i)
+
+``l`` is cross-entropy (single-label) or BCE summed over findings (multi-label); ``w_c`` is
+``clean_weight`` in [0, 1]. Levels are drawn on the CPU, so drawing never syncs the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..attacks import PGD
+from ..attacks.losses import LossFn
+from .base import Defense, DefenseOutput
+
+__all__ = ["MPAdvT"]
+
+MODES = ("per_sample", "all_levels")
+
+
+class MPAdvT(Defense):
+    """Args:
+        levels: list of ``{eps, steps}`` (eps in [0, 1] pixel units, "2/255" allowed).
+        mode: ``per_sample`` or ``all_levels``.
+        probs: per-level drawing probabilities for ``per_sample`` (uniform if ``None``).
+        clean_weight: ``w_c`` in [0, 1].
+        norm, step_size_rel, random_start, model_mode: passed to every level's PGD.
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[Mapping],
+        mode: str = "per_sample",
+        probs: Sequence[float] | None = None,
+        clean_weight: float = 0.0,
+        norm: str = "linf",
+        step_size_rel: float | None = None,
+        random_start: bool | str = True,
+        model_mode: str = "train",
+        name: str = "mpadvt",
+    ) -> None:
+        if not levels:
+            raise ValueError("defense.levels is empty: give at least one {eps, steps}")
+        if mode not in MODES:
+            raise ValueError(f"defense.mode={mode!r} must be one of {MODES}")
+        if not 0.0 <= clean_weight <= 1.0:
+            raise ValueError(f"defense.clean_weight={clean_weight} must be in [0, 1]")
+        self.attacks = {}
+        for i, lvl in enumerate(levels):
+            unknown = set(lvl) - {"eps", "steps"}
+            if unknown or "eps" not in lvl or "steps" not in lvl:
+                raise ValueError(f"defense.levels[{i}]={dict(lvl)} must have exactly eps and steps")
+            self.attacks[f"level{i}"] = PGD(
+                eps=lvl["eps"], steps=lvl["steps"], norm=norm, step_size_rel=step_size_rel,
+                random_start=random_start, model_mode=model_mode,
+            )
+        n = len(self.attacks)
+        probs = [1.0 / n] * n if probs is None else [float(p) for p in probs]
+        if len(probs) != n or any(p < 0 for p in probs) or sum(probs) <= 0:
+            raise ValueError(f"defense.probs={probs} must be {n} non-negative numbers")
+        total = sum(probs)
+        self.probs = torch.tensor([p / total for p in probs])
+        self.mode = mode
+        self.clean_weight = float(clean_weight)
+        self.name = name
+
+    def draw_levels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Level index per example, drawn on the CPU from ``probs``: ``(n,)`` int64."""
+        return torch.multinomial(self.probs, n, replacement=True, generator=generator)
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+    ) -> DefenseOutput:
+        attacks = list(self.attacks.values())
+        if self.mode == "per_sample":
+            draw = self.draw_levels(x.shape[0])
+            x_adv = torch.empty_like(x)
+            for level, atk in enumerate(attacks):
+                idx = (draw == level).nonzero().flatten()
+                if idx.numel() == 0:
+                    continue
+                idx = idx.to(x.device, non_blocking=True)
+                x_adv[idx] = atk(model, x[idx], y[idx], loss_fn)
+            adv_inputs = [x_adv]
+        else:
+            adv_inputs = [atk(model, x, y, loss_fn) for atk in attacks]
+        loss = x.new_zeros(())
+        logits_clean = None
+        if self.clean_weight > 0:
+            logits_clean = model(x)
+            loss = loss + self.clean_weight * loss_fn(logits_clean, y).mean()
+        logits_adv = None
+        w_adv = (1.0 - self.clean_weight) / len(adv_inputs)
+        for xa in adv_inputs:
+            logits_adv = model(xa)
+            loss = loss + w_adv * loss_fn(logits_adv, y).mean()
+        return DefenseOutput(loss=loss, logits_clean=logits_clean, logits_adv=logits_adv)
+
+    def describe(self) -> dict:
+        return {"defense": self.name, "mode": self.mode, "clean_weight": self.clean_weight,
+                "probs": self.probs.tolist(),
+                "levels": [a.describe() for a in self.attacks.values()]}
