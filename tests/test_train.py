@@ -175,3 +175,8 @@ def test_cli_multirun(tmp_path):
     assert len(files) == 2
     defenses = {json.loads(f.read_text())["defense"]["defense"] for f in files}
     assert defenses == {"none", "pgd_at"}
+
+
+def test_channels_last_option(train_cfg):
+    result = train(train_cfg("module.channels_last=true", "defense=pgd_at"))
+    _assert_run_outputs(result)
