@@ -34,6 +34,18 @@ def _fp16_autocast_active(device_type: str) -> bool:
     return torch.get_autocast_dtype(device_type) == torch.float16
 
 
+def input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
+               loss_fn: LossFn) -> torch.Tensor:
+    """Gradient of the summed per-sample loss with respect to the input only (no parameter
+    gradients); under float16 autocast the loss is scaled first so it does not underflow."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    loss = loss_fn(model(x_adv), y).sum()
+    if _fp16_autocast_active(x_adv.device.type):
+        loss = loss * _FP16_LOSS_SCALE
+    (grad,) = torch.autograd.grad(loss, x_adv)
+    return grad
+
+
 class Attack:
     """Base class: holds the threat model and the model mode used while attacking.
 
@@ -192,14 +204,9 @@ class PGD(Attack):
             x_adv = threat.project(x + 0.001 * torch.randn_like(x), x)
         else:
             x_adv = x.clone()
-        scale = _FP16_LOSS_SCALE if _fp16_autocast_active(x.device.type) else 1.0
         step_size = self.step_size
         for _ in range(self.steps):
-            x_adv.requires_grad_(True)
-            loss = loss_fn(model(x_adv), y).sum()
-            if scale != 1.0:
-                loss = loss * scale
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            grad = input_grad(model, x_adv, y, loss_fn)
             with torch.no_grad():
                 x_adv = threat.project(threat.step(x_adv.detach(), grad, step_size), x)
         return x_adv.detach()
@@ -293,9 +300,6 @@ class NFGSM(Attack):
         x = x.detach()
         k_eps = self.noise_mult * self.eps
         x0 = (x + torch.empty_like(x).uniform_(-k_eps, k_eps)).clamp_(0.0, 1.0)
-        scale = _FP16_LOSS_SCALE if _fp16_autocast_active(x.device.type) else 1.0
         with attack_mode(model, self.model_mode), torch.enable_grad():
-            x0.requires_grad_(True)
-            loss = loss_fn(model(x0), y).sum() * scale
-            (grad,) = torch.autograd.grad(loss, x0)
+            grad = input_grad(model, x0, y, loss_fn)
         return (x0.detach() + self.step_size_rel * self.eps * grad.sign()).clamp_(0.0, 1.0)

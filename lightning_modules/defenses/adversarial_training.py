@@ -24,7 +24,7 @@ from torch import nn
 
 from ..attacks import Attack
 from ..attacks.losses import LossFn
-from .base import Defense, DefenseOutput
+from .base import Defense, DefenseOutput, weighted_loss
 
 __all__ = ["AdversarialTraining"]
 
@@ -75,17 +75,9 @@ class AdversarialTraining(Defense):
     ) -> DefenseOutput:
         # Craft every adversarial batch first, from the same weights, then run the
         # training forward passes: the optimiser sees only these graphs.
-        adv_inputs = {k: atk(model, x, y, loss_fn) for k, atk in self.attacks.items()}
-        loss = x.new_zeros(())
-        logits_clean = None
-        if self.clean_weight > 0:
-            logits_clean = model(x)
-            loss = loss + self.clean_weight * loss_fn(logits_clean, y).mean()
-        logits_adv = None
-        for key, x_adv in adv_inputs.items():
-            logits_adv = model(x_adv)
-            loss = loss + self.weights[key] * loss_fn(logits_adv, y).mean()
-        return DefenseOutput(loss=loss, logits_clean=logits_clean, logits_adv=logits_adv)
+        adversarial = [(atk(model, x, y, loss_fn), self.weights[k])
+                       for k, atk in self.attacks.items()]
+        return weighted_loss(model, x, y, loss_fn, self.clean_weight, adversarial)
 
     def describe(self) -> dict:
         return {

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attacks.losses import LossFn
 
-__all__ = ["Defense", "DefenseOutput", "NoDefense"]
+__all__ = ["Defense", "DefenseOutput", "NoDefense", "weighted_loss"]
 
 
 @dataclass
@@ -60,3 +60,26 @@ class NoDefense(Defense):
     ) -> DefenseOutput:
         logits = model(x)
         return DefenseOutput(loss=loss_fn(logits, y).mean(), logits_clean=logits)
+
+
+def weighted_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    clean_weight: float,
+    adversarial: list[tuple[torch.Tensor, float]],
+) -> DefenseOutput:
+    """``clean_weight * mean l(f(x), y) + sum_a w_a * mean l(f(x_a), y)`` over the
+    ``(x_a, w_a)`` pairs; the clean forward pass is skipped when ``clean_weight == 0``.
+    ``logits_adv`` are those of the last adversarial batch."""
+    loss = x.new_zeros(())
+    logits_clean = None
+    if clean_weight > 0:
+        logits_clean = model(x)
+        loss = loss + clean_weight * loss_fn(logits_clean, y).mean()
+    logits_adv = None
+    for x_adv, weight in adversarial:
+        logits_adv = model(x_adv)
+        loss = loss + weight * loss_fn(logits_adv, y).mean()
+    return DefenseOutput(loss=loss, logits_clean=logits_clean, logits_adv=logits_adv)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..attacks import PGD
 from ..attacks.losses import LossFn
-from .base import Defense, DefenseOutput
+from .base import Defense, DefenseOutput, weighted_loss
 
 __all__ = ["MPAdvT"]
 
@@ -99,17 +99,9 @@ class MPAdvT(Defense):
             adv_inputs = [x_adv]
         else:
             adv_inputs = [atk(model, x, y, loss_fn) for atk in attacks]
-        loss = x.new_zeros(())
-        logits_clean = None
-        if self.clean_weight > 0:
-            logits_clean = model(x)
-            loss = loss + self.clean_weight * loss_fn(logits_clean, y).mean()
-        logits_adv = None
         w_adv = (1.0 - self.clean_weight) / len(adv_inputs)
-        for xa in adv_inputs:
-            logits_adv = model(xa)
-            loss = loss + w_adv * loss_fn(logits_adv, y).mean()
-        return DefenseOutput(loss=loss, logits_clean=logits_clean, logits_adv=logits_adv)
+        return weighted_loss(model, x, y, loss_fn, self.clean_weight,
+                             [(xa, w_adv) for xa in adv_inputs])
 
     def describe(self) -> dict:
         return {"defense": self.name, "mode": self.mode, "clean_weight": self.clean_weight,
