@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.attacks import loss_for_task, parse_eps
-from lightning_modules.metrics import SCORE_METRIC, build_metrics
+from lightning_modules.metrics import SCORE_METRIC, build_metrics, scalar_metrics
 from lightning_modules.utils import (
     ConfigError,
     exit_on_config_error,
@@ -98,9 +98,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("test" if split == "test" else "validate")
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
 
-    clean_metrics = build_metrics(task, num_classes).to(device)
+    clean_metrics = build_metrics(task, num_classes, per_class=True).to(device)
     grid = [(name, eps) for name in attacks for eps in eps_grid]
-    adv_metrics = {key: build_metrics(task, num_classes).to(device) for key in grid}
+    adv_metrics = {key: build_metrics(task, num_classes, per_class=True).to(device)
+                   for key in grid}
+    class_names = list(getattr(datamodule, "class_names", None) or []) or None
     cells = {(name, eps): attacks[name].with_eps(eps) for name, eps in grid}
     limit = cfg.get("limit_batches")
     n_seen = 0
@@ -121,18 +123,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if n_seen == 0:
         raise ConfigError(f"the {split} split is empty")
 
-    clean = {k: float(v) for k, v in clean_metrics.compute().items()}
+    clean = scalar_metrics(clean_metrics.compute(), class_names)
     rows = []
     for (name, eps), coll in adv_metrics.items():
         desc = cells[(name, eps)].describe()
         rows.append({"attack": name, "norm": desc["norm"], "eps": eps, "eps_str": format_eps(eps),
                      "steps": desc.get("steps", 1), "restarts": desc.get("restarts", 1),
-                     **{k: float(v) for k, v in coll.compute().items()}})
+                     **scalar_metrics(coll.compute(), class_names)})
     report = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
         "epoch": ckpt.get("epoch"),
         "task": task,
         "num_classes": num_classes,
+        "class_names": class_names,
         "score_metric": SCORE_METRIC[task],
         "split": split,
         "n_images": n_seen,
@@ -216,6 +219,19 @@ def summary_markdown(report: dict[str, Any]) -> str:
     for r in report["results"]:
         lines.append(f"| {r['attack']} | {r['norm']} | {r['eps_str']} | {r['steps']} | "
                      f"{r['restarts']} | {r['acc']:.4f} | {r[score]:.4f} |")
+    per_class = [k for k in report["clean"] if "/" in k]
+    if per_class:
+        strongest = {}
+        for r in report["results"]:  # the largest eps of each attack
+            if r["eps"] >= strongest.get(r["attack"], {"eps": -1})["eps"]:
+                strongest[r["attack"]] = r
+        heads = [f"{r['attack']} @ {r['eps_str']}" for r in strongest.values()]
+        lines += ["", f"Per class ({per_class[0].split('/')[0]}):", "",
+                  "| class | clean | " + " | ".join(heads) + " |",
+                  "|---|---|" + "---|" * len(heads)]
+        for key in per_class:
+            cells = [f"{report['clean'][key]:.4f}"] + [f"{r[key]:.4f}" for r in strongest.values()]
+            lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(cells) + " |")
     lines += ["", "![accuracy vs epsilon](accuracy_vs_eps.png)", ""]
     return "\n".join(lines)
 

@@ -21,8 +21,9 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from datamodules.base import balanced_class_weights
 from lightning_modules.utils import (
     ConfigError,
     exit_on_config_error,
@@ -44,12 +45,14 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     :class:`ConfigError` here, before any training starts.
     """
     datamodule = instantiate_node(cfg, "datamodule")
+    fill_from_data(cfg, datamodule)
     net = instantiate_node(cfg, "backbone")
     defense = instantiate_node(cfg, "defense")
     val_attack = instantiate_node(cfg, "attack")
     module = instantiate_node(
         cfg, "module", net=net, defense=defense, val_attack=val_attack,
         class_names=list(getattr(datamodule, "class_names", []) or []) or None,
+        class_weights=resolve_class_weights(cfg.module.get("class_weights"), datamodule),
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_dict(cfg, "callbacks")
@@ -59,6 +62,29 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("trainer.inference_mode must be false: adversarial validation and "
                           "test need gradients")
     return {"datamodule": datamodule, "module": module, "trainer": trainer, "loggers": loggers}
+
+
+def fill_from_data(cfg: DictConfig, datamodule) -> None:
+    """Write ``num_classes``, ``in_chans`` and ``task`` found in the data into ``cfg.datamodule``
+    where the config leaves them ``null`` (folder/CSV/MedMNIST), so the backbone and module,
+    which interpolate them, and the saved config get the real values."""
+    with open_dict(cfg):
+        for key in ("num_classes", "in_chans", "task"):
+            if cfg.datamodule.get(key) is None and getattr(datamodule, key, None) is not None:
+                cfg.datamodule[key] = getattr(datamodule, key)
+
+
+def resolve_class_weights(spec: Any, datamodule) -> list[float] | None:
+    """``module.class_weights``: ``null``, ``balanced`` (from the training labels) or a list."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "balanced":
+            raise ConfigError(f"module.class_weights={spec!r} must be null, 'balanced' or a list")
+        weights = balanced_class_weights(datamodule.targets("train"), datamodule.num_classes)
+        log.info("class weights (balanced): %s", [round(w, 3) for w in weights])
+        return weights
+    return [float(w) for w in spec]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -108,6 +134,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "last_checkpoint": str(Path(ckpt_cb.dirpath) / "last.ckpt")
         if ckpt_cb is not None and ckpt_cb.dirpath else "",
         "output_dir": str(out_dir),
+        "skipped_images": skipped_images(datamodule),
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
     if trainer.is_global_zero:
@@ -115,6 +142,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("print_summary", True):
             print(summary_table(result, parts["loggers"], out_dir), flush=True)
     return result
+
+
+def skipped_images(datamodule) -> list[str]:
+    """Unreadable images skipped during the run (datamodules that read files)."""
+    fn = getattr(datamodule, "skipped_images", None)
+    return fn() if fn is not None else []
 
 
 def summary_table(result: dict[str, Any], loggers: list, out_dir: Path) -> str:
@@ -140,6 +173,9 @@ def summary_table(result: dict[str, Any], loggers: list, out_dir: Path) -> str:
             lines.append(f"{name:<14}{fmt(clean):>10}{fmt(adv):>22}")
     else:
         lines.append("(no test metrics: test=false)")
+    skipped = result.get("skipped_images") or []
+    if skipped:
+        lines.append(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[:3]}")
     lines.append(f"best checkpoint: {result['best_checkpoint'] or '-'}")
     lines.append(f"metrics JSON:    {out_dir / 'metrics.json'}")
     log_dirs = sorted({str(getattr(lg, 'log_dir', None) or getattr(lg, 'save_dir', '') or '')

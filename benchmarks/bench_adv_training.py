@@ -4,7 +4,8 @@
     python benchmarks/bench_adv_training.py --quick    # about a minute (small CNN, 32x32)
 
 Everything runs in one process, on the same model, batch and data, fp32. Each way is timed as
-the median of ``--repeats`` runs after ``--warmup`` runs; the table gives images/s and the ratio
+the median of ``--repeats`` runs after ``--warmup`` runs, the repeats taken round-robin over
+all ways (so drifts of the machine hit every way alike); the table gives images/s and the ratio
 to the naive loop, to torchattacks (if installed: ``pip install --no-deps torchattacks``) and to
 the ideal for this machine, measured here as ``K x (forward + input-only backward) + one
 training step``. Ways:
@@ -38,15 +39,28 @@ from lightning_modules.defenses import (
 )
 
 
-def median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
+def timed(fn: Callable[[], None]) -> Callable[[], float]:
+    """``fn`` as a way that returns its own wall time in seconds."""
+    def run() -> float:
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+    return run
+
+
+def interleaved(ways: dict[str, Callable[[], float]], warmup: int, repeats: int
+                ) -> dict[str, float]:
+    """Median seconds of each way. Every way is warmed up first, then the repeats go round-robin
+    (one run of each way per round), so slow drifts of the machine (clocks, other load) hit all
+    ways alike instead of whichever happened to run during them."""
+    for fn in ways.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(repeats):
+        for k, fn in ways.items():
+            times[k].append(fn())
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def make_model(name: str, num_classes: int, channels_last: bool) -> torch.nn.Module:
@@ -55,7 +69,6 @@ def make_model(name: str, num_classes: int, channels_last: bool) -> torch.nn.Mod
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net.train()
-
 
 
 def raw_step(net, opt, defense) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -104,61 +117,59 @@ def torchattacks_step(net, opt, eps, steps):
     return step
 
 
-def ideal_parts(net, opt, x, y, warmup, repeats) -> tuple[float, float]:
-    """(forward + input-only backward with frozen params, one clean training step) seconds."""
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-
+def ideal_ways(net, opt, x, y) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(forward + input-only backward with frozen params, one clean training step)."""
     def fwd_bwd():
-        xi = x.detach().requires_grad_(True)
-        torch.autograd.grad(F.cross_entropy(net(xi), y, reduction="sum"), xi)
-
-    t_fb = median_time(fwd_bwd, warmup, repeats)
-    for p in net.parameters():
-        p.requires_grad_(True)
-    net.train()
+        net.eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        try:
+            xi = x.detach().requires_grad_(True)
+            torch.autograd.grad(F.cross_entropy(net(xi), y, reduction="sum"), xi)
+        finally:
+            for p in net.parameters():
+                p.requires_grad_(True)
+            net.train()
 
     def train_step():
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(net(x), y).backward()
         opt.step()
 
-    return t_fb, median_time(train_step, warmup, repeats)
+    return fwd_bwd, train_step
 
 
-def lightning_time(net, defense, x, y, warmup, repeats, channels_last=False) -> float:
-    """Median seconds per training batch through ``Trainer.fit`` (timed by a callback)."""
+def lightning_way(net, defense, x, y, channels_last=False) -> Callable[[], float]:
+    """One training batch through ``Trainer.fit`` per call, timed from the batch-start to the
+    batch-end hook (Trainer construction and fit set-up are not timed)."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_modules.classifier import RobustClassifier
 
     class Timer(L.Callback):
-        def __init__(self):
-            self.times = []
-
         def on_train_batch_start(self, *args):
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, *args):
-            self.times.append(time.perf_counter() - self.t0)
+            self.last = time.perf_counter() - self.t0
 
-    n = warmup + repeats
-    data = TensorDataset(x.repeat(n, 1, 1, 1), y.repeat(n))
-    loader = DataLoader(data, batch_size=x.shape[0], shuffle=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=x.shape[0], shuffle=False)
     module = RobustClassifier(
         net, defense, PGD(8 / 255, steps=1), task="multiclass", num_classes=int(y.max()) + 1,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
         train_clean_metrics=False, channels_last=channels_last,
     )
     timer = Timer()
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[timer], inference_mode=False)
-    trainer.fit(module, train_dataloaders=loader)
-    return statistics.median(timer.times[warmup:])
+
+    def run() -> float:
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, callbacks=[timer], inference_mode=False)
+        trainer.fit(module, train_dataloaders=loader)
+        return timer.last
+    return run
 
 
 def bench_model(name: str, args) -> list[tuple[str, float]]:
@@ -167,7 +178,6 @@ def bench_model(name: str, args) -> list[tuple[str, float]]:
     x = torch.rand(bs, 3, args.size, args.size)
     y = torch.randint(0, 7, (bs,))
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    w, r = args.warmup, args.repeats
 
     def fresh(channels_last=False):
         net = make_model(name, 7, channels_last)
@@ -176,41 +186,26 @@ def bench_model(name: str, args) -> list[tuple[str, float]]:
     def pgd_at():
         return AdversarialTraining({"pgd": PGD(eps, steps=steps, model_mode="eval")})
 
-    rows: list[tuple[str, float]] = []
-    # Warm the process up (thread pools, allocator, CPU clocks) before anything is timed:
-    # without it whichever way runs first looks slow.
-    net, opt = fresh()
-    warm = raw_step(net, opt, pgd_at())
-    median_time(lambda: warm(x, y), 2, 1)
-    ideals = {}
+    ways: dict[str, Callable[[], float]] = {}
     for cl, xx in ((False, x), (True, x_cl)):
-        net, opt = fresh(cl)
-        t_fb, t_train = ideal_parts(net, opt, xx, y, w, r)
-        ideals[cl] = (steps * t_fb + t_train, t_train)
-    best_cl = min(ideals, key=lambda k: ideals[k][0])
-    rows.append((f"ideal (K fwd+input-bwd + 1 step){' CL' if best_cl else ''}", ideals[best_cl][0]))
-    rows.append(("clean step (raw)", ideals[False][1]))
-    rows.append(("clean step (raw) CL", ideals[True][1]))
-    for cl in (False, True):
         tag = " CL" if cl else ""
-        net, _ = fresh()
-        rows.append((f"clean step (Lightning){tag}",
-                     lightning_time(net, NoDefense(), x, y, w, r, channels_last=cl)))
-        net, _ = fresh()
-        rows.append((f"project PGD-{steps} AT (Lightning){tag}",
-                     lightning_time(net, pgd_at(), x, y, w, r, channels_last=cl)))
+        net, opt = fresh(cl)
+        fwd_bwd, train_step = ideal_ways(net, opt, xx, y)
+        ways[f"_fwd_bwd{tag}"] = timed(fwd_bwd)
+        ways[f"clean step (raw){tag}"] = timed(train_step)
+        ways[f"clean step (Lightning){tag}"] = lightning_way(fresh()[0], NoDefense(), x, y, cl)
+        ways[f"project PGD-{steps} AT (Lightning){tag}"] = lightning_way(
+            fresh()[0], pgd_at(), x, y, cl)
         net, opt = fresh(cl)
         raw = raw_step(net, opt, pgd_at())
-        xx = x_cl if cl else x
-        rows.append((f"project PGD-{steps} AT (raw){tag}",
-                     median_time(lambda raw=raw, xx=xx: raw(xx, y), w, r)))
+        ways[f"project PGD-{steps} AT (raw){tag}"] = timed(lambda raw=raw, xx=xx: raw(xx, y))
     net, opt = fresh()
     naive = naive_pgd_step(net, opt, eps, steps)
-    rows.append((f"naive PGD-{steps} loop", median_time(lambda: naive(x, y), w, r)))
+    ways[f"naive PGD-{steps} loop"] = timed(lambda: naive(x, y))
     net, opt = fresh()
     ta = torchattacks_step(net, opt, eps, steps)
     if ta is not None:
-        rows.append((f"torchattacks PGD-{steps} + step", median_time(lambda: ta(x, y), w, r)))
+        ways[f"torchattacks PGD-{steps} + step"] = timed(lambda: ta(x, y))
     if not args.quick:
         others = {
             "fgsm_at": AdversarialTraining({"fgsm": FGSM(eps)}, {"fgsm": 0.5}, clean_weight=0.5),
@@ -224,23 +219,30 @@ def bench_model(name: str, args) -> list[tuple[str, float]]:
                                            {"eps": eps, "steps": steps}]),
         }
         for label, defense in others.items():
-            net, opt = fresh(best_cl)
+            net, opt = fresh(True)
             step = raw_step(net, opt, defense)
-            xx = x_cl if best_cl else x
-            rows.append((f"defense {label} (raw){' CL' if best_cl else ''}",
-                         median_time(lambda s=step, xx=xx: s(xx, y), w, r)))
-    for cl in (False, True):
+            ways[f"defense {label} (raw) CL"] = timed(lambda s=step: s(x_cl, y))
+    for cl, xx in ((False, x), (True, x_cl)):
         net, _ = fresh(cl)
         net.eval()
         pgd20 = PGD(eps, steps=20)
-        xx = x_cl if cl else x
 
         def eval_step(net=net, xx=xx, pgd20=pgd20):
             with torch.no_grad():
                 net(pgd20(net, xx, y))
 
-        rows.append((f"PGD-20 evaluation (attack + forward){' CL' if cl else ''}",
-                     median_time(eval_step, w, r)))
+        ways[f"PGD-20 evaluation (attack + forward){' CL' if cl else ''}"] = timed(eval_step)
+
+    # Warm the process up (thread pools, allocator, CPU clocks) before anything is timed.
+    net, opt = fresh()
+    warm = raw_step(net, opt, pgd_at())
+    for _ in range(2):
+        warm(x, y)
+    t = interleaved(ways, args.warmup, args.repeats)
+    ideal = {tag: steps * t[f"_fwd_bwd{tag}"] + t[f"clean step (raw){tag}"] for tag in ("", " CL")}
+    best = min(ideal, key=ideal.get)
+    rows = [(f"ideal (K fwd+input-bwd + 1 step){best}", ideal[best])]
+    rows += [(k, v) for k, v in t.items() if not k.startswith("_")]
     return rows
 
 
@@ -279,6 +281,11 @@ def main() -> None:
         args.models, args.warmup, args.repeats, args.batch, args.size = "small_cnn", 1, 3, 32, 32
     if args.threads:
         torch.set_num_threads(args.threads)
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
           f"3x{args.size}x{args.size}, PGD-{args.steps}, eps 8/255; CL = channels_last")
     for name in args.models.split(","):

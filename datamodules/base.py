@@ -1,29 +1,113 @@
-"""Common loader plumbing: a datamodule that holds one dataset per split."""
+"""Common loader plumbing: a datamodule that holds one dataset per split, class-balance helpers."""
 
 from __future__ import annotations
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-__all__ = ["SplitDataModule"]
+from .imaging import skip_none_collate
+
+__all__ = ["SplitDataModule", "SAMPLERS", "sample_weights", "balanced_class_weights"]
+
+SAMPLERS = (None, "weighted")
+
+
+def _counts(targets: np.ndarray, num_classes: int) -> np.ndarray:
+    targets = np.asarray(targets)
+    if targets.ndim == 1:
+        return np.bincount(targets.astype(np.int64), minlength=num_classes).astype(np.float64)
+    return (targets > 0).sum(axis=0).astype(np.float64)
+
+
+def sample_weights(targets: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-sample weights that make every class equally likely under a weighted sampler.
+
+    Single-label: ``1 / count(y)``. Multi-label: ``1 / count`` of the sample's rarest positive
+    finding (``1 / count(no finding)`` for all-negative samples), so rare findings are seen
+    about as often as common ones.
+    """
+    targets = np.asarray(targets)
+    counts = _counts(targets, num_classes)
+    if targets.ndim == 1:
+        return 1.0 / counts[targets.astype(np.int64)]
+    pos = targets > 0
+    rarest = np.where(pos, counts[None, :], np.inf).min(axis=1)
+    n_none = max(1, int((~pos.any(axis=1)).sum()))
+    rarest[np.isinf(rarest)] = n_none
+    return 1.0 / rarest
+
+
+def balanced_class_weights(targets: np.ndarray, num_classes: int, max_weight: float = 100.0
+                           ) -> list[float]:
+    """Loss weights from training-label counts.
+
+    Single-label: ``N / (K * n_c)`` per class, ``K`` the classes present (scikit-learn's
+    "balanced": the mean weight over training samples is 1; absent classes get 0).
+    Multi-label: BCE ``pos_weight`` ``n_negative / n_positive`` per finding (1 when a finding
+    has no positives). Both are capped at ``max_weight``.
+    """
+    targets = np.asarray(targets)
+    counts = _counts(targets, num_classes)
+    if targets.ndim == 1:
+        present = max(1, int((counts > 0).sum()))
+        w = np.where(counts > 0, len(targets) / (present * np.maximum(counts, 1)), 0.0)
+    else:
+        w = np.where(counts > 0, (len(targets) - counts) / np.maximum(counts, 1), 1.0)
+    return [float(v) for v in np.minimum(w, max_weight)]
 
 
 class SplitDataModule(L.LightningDataModule):
-    """Subclasses fill ``self.datasets`` (``train``/``val``/``test``) in ``setup`` and save
-    ``batch_size``, ``eval_batch_size``, ``num_workers`` and ``pin_memory`` as hparams."""
+    """Subclasses fill ``self.datasets`` (``train``/``val``/``test``) in ``setup``, implement
+    :meth:`targets` and save ``batch_size``, ``eval_batch_size``, ``num_workers``,
+    ``pin_memory`` and (optionally) ``sampler`` as hparams.
+
+    ``sampler: weighted`` draws training samples with replacement so that every class (or,
+    multi-label, every sample's rarest finding) is equally likely; an epoch keeps its length.
+    """
+
+    num_classes: int
+    task: str
 
     def __init__(self) -> None:
         super().__init__()
         self.datasets: dict[str, Dataset] = {}
 
+    def targets(self, split: str) -> np.ndarray:
+        """Labels of ``split``: ``(N,)`` class indices or ``(N, K)`` multi-hot."""
+        raise NotImplementedError
+
+    def class_counts(self, split: str) -> dict[str, int]:
+        """Images per class (multi-label: positives per finding) in ``split``."""
+        counts = _counts(self.targets(split), self.num_classes)
+        names = list(getattr(self, "class_names", None) or range(self.num_classes))
+        return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+
+    def _sampler(self):
+        kind = self.hparams.get("sampler")
+        if kind in (None, "none"):
+            return None
+        if kind != "weighted":
+            raise ValueError(f"datamodule.sampler={kind!r} must be null or 'weighted'")
+        ds = self.datasets.get("train")
+        targets = getattr(ds, "targets", None)  # what the dataset really holds (after skips)
+        w = sample_weights(self.targets("train") if targets is None else targets,
+                           self.num_classes)
+        # draws follow the global torch seed (``seed_everything``), fresh every epoch
+        return WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(w),
+                                     replacement=True)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
         bs = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
         ds = self.datasets[split]
+        sampler = self._sampler() if shuffle else None
         return DataLoader(
-            ds, batch_size=bs, shuffle=shuffle, num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0,
-            drop_last=shuffle and len(ds) > bs,
+            ds, batch_size=bs, shuffle=shuffle and sampler is None, sampler=sampler,
+            num_workers=hp.num_workers, pin_memory=hp.pin_memory,
+            persistent_workers=hp.num_workers > 0, drop_last=shuffle and len(ds) > bs,
+            collate_fn=skip_none_collate,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -105,6 +105,7 @@ class SyntheticDataModule(SplitDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        sampler: str | None = None,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -133,3 +134,7 @@ class SyntheticDataModule(SplitDataModule):
                 hp.signal_amplitude, hp.noise_std, seed=hp.seed + 7919 * offset,
             )
             self.datasets[split] = TensorDataset(x, y)
+
+    def targets(self, split: str):
+        self.setup()
+        return self.datasets[split].tensors[1].numpy()

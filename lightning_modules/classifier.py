@@ -18,12 +18,13 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric
 
 from .attacks import Attack, attack_mode, loss_for_task
 from .defenses import Defense
-from .metrics import SCORE_METRIC, build_metrics
+from .metrics import SCORE_METRIC, build_metrics, scalar_metrics
 
 __all__ = ["RobustClassifier"]
 
@@ -47,7 +48,13 @@ class RobustClassifier(L.LightningModule):
             (faster convolutions on most CPUs and on GPUs with tensor cores).
         compile: wrap the backbone in ``torch.compile`` for fitting (first steps are slow; each
             train/eval and frozen/unfrozen combination of the attack compiles once).
-        class_names: optional names, stored in checkpoints for reports.
+        class_names: optional names, stored in checkpoints for reports (per-class metrics).
+        class_weights: training-loss weights: one per class (cross-entropy ``weight``: each
+            sample's loss is multiplied by the weight of its class) or one per finding
+            (multi-label BCE ``pos_weight``); ``None`` = unweighted. ``train.py`` turns
+            ``module.class_weights=balanced`` into counts-based weights. The attacks maximise the
+            same weighted loss; MART/MAAdvT use their own boosted loss and ignore the weights.
+            Validation and test losses are unweighted.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class RobustClassifier(L.LightningModule):
         eps_warmup_epochs: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
+        class_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         # Only plain values go into checkpoints (they load with torch.load(weights_only=True)).
@@ -77,10 +85,21 @@ class RobustClassifier(L.LightningModule):
         self.val_attack = val_attack
         self.task = task
         self.loss_fn = loss_for_task(task)
+        self.train_loss_fn = self.loss_fn
+        if class_weights is not None:
+            if isinstance(class_weights, str) or len(class_weights) != num_classes:
+                raise ValueError(f"module.class_weights={class_weights!r} must be null, "
+                                 f"'balanced' (resolved by train.py) or {num_classes} numbers")
+            if any(float(w) < 0 for w in class_weights):
+                raise ValueError(f"module.class_weights={list(class_weights)} must be >= 0")
+            self.register_buffer("class_weights",
+                                 torch.tensor([float(w) for w in class_weights]), persistent=False)
+            self.train_loss_fn = self._weighted_loss
         self.score_key = SCORE_METRIC[task]
         self.metrics = nn.ModuleDict({
             f"{stage}_{kind}": build_metrics(task, num_classes,
-                                             prefix=f"{stage}/{'adv_' if kind == 'adv' else ''}")
+                                             prefix=f"{stage}/{'adv_' if kind == 'adv' else ''}",
+                                             per_class=stage == "test")
             for stage in ("train", "val", "test") for kind in ("clean", "adv")
         })
         self.val_score_best = MaxMetric()
@@ -105,6 +124,14 @@ class RobustClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def _weighted_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample class-weighted cross-entropy, or BCE with ``pos_weight`` (multi-label)."""
+        w = self.class_weights
+        if self.task == "multiclass":
+            return F.cross_entropy(logits.float(), y.long(), weight=w, reduction="none")
+        return F.binary_cross_entropy_with_logits(logits.float(), y.float(), pos_weight=w,
+                                                  reduction="none").sum(dim=1)
+
     @staticmethod
     def _target(y: torch.Tensor) -> torch.Tensor:
         return y.long()
@@ -126,7 +153,7 @@ class RobustClassifier(L.LightningModule):
             scale = self.eps_scale(batch_idx)
             self.defense.set_eps_scale(scale)
             self.log("train/eps_scale", scale, on_step=False, on_epoch=True)
-        out = self.defense(self.net, x, y, self.loss_fn)
+        out = self.defense(self.net, x, y, self.train_loss_fn)
         logits_clean = out.logits_clean
         if logits_clean is None and self.hparams.train_clean_metrics:
             with torch.no_grad(), attack_mode(self.net, "eval"):
@@ -196,7 +223,9 @@ class RobustClassifier(L.LightningModule):
         for kind in ("clean", "adv"):
             coll = self.metrics[f"{stage}_{kind}"]
             if any(m.update_count > 0 for m in coll.values()):
-                values.update(coll.compute())
+                computed = scalar_metrics(coll.compute(), self.hparams.class_names)
+                values.update({k: torch.tensor(v, device=self.device)
+                               for k, v in computed.items()})
             coll.reset()
         if stage != "train" and f"{stage}/adv_{self.score_key}" in values:
             values[f"{stage}/adv_score"] = values[f"{stage}/adv_{self.score_key}"]

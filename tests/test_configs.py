@@ -24,11 +24,35 @@ def test_every_group_exists():
         assert options(group), f"conf/{group}/ has no options"
 
 
+def _dataset_fixture(option: str, root) -> list[str]:
+    """Overrides that point the ``option`` datamodule at a tiny fixture in its layout."""
+    from tests import layouts
+
+    small = ["datamodule.val_fraction=0.2", "datamodule.test_fraction=0.2"]
+    if option == "isic2018":
+        return [f"datamodule.data_dir={layouts.write_isic2018(root / option)}", *small]
+    if option == "isic2019":
+        return [f"datamodule.data_dir={layouts.write_isic2019(root / option)}", *small]
+    if option == "chestxray14":
+        return [f"datamodule.data_dir={layouts.write_chestxray14(root / option)}", *small]
+    if option == "medmnist":
+        layouts.write_medmnist(root / option, "pathmnist")
+        return [f"datamodule.data_dir={root / option}", "datamodule.flag=pathmnist"]
+    if option == "folder":
+        return [f"datamodule.data_dir={layouts.write_folder(root / option)}", *small]
+    if option == "csv":
+        return [f"datamodule.data_dir={layouts.write_csv_dataset(root / option)}",
+                "datamodule.csv_file=labels.csv", "datamodule.label_column=diagnosis", *small]
+    return []
+
+
 def _extra(group: str, option: str, ham_dir) -> list[str]:
     extra = []
     if (group == "datamodule" and option == "ham10000") or (
             group == "experiment" and "ham10000" in option):
         extra.append(f"datamodule.data_dir={ham_dir}")
+    elif group == "datamodule":
+        extra += _dataset_fixture(option, ham_dir.parent)
     if group == "experiment":
         extra.append("datamodule.num_workers=0")
     if group == "trainer" and option in ("gpu", "ddp") and not torch.cuda.is_available():

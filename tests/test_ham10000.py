@@ -35,7 +35,7 @@ def test_fixture_loads_and_splits_by_lesion(ham_dir):
 
 
 def test_preload_gives_same_pixels(ham_dir):
-    plain, pre = _dm(ham_dir, augment=False), _dm(ham_dir, augment=False, preload=True)
+    plain, pre = _dm(ham_dir, augmentation="none"), _dm(ham_dir, augmentation="none", preload=True)
     plain.setup("fit")
     pre.setup("fit")
     for i in (0, 3, len(plain.datasets["val"]) - 1):
@@ -78,14 +78,20 @@ def test_unknown_label(ham_dir):
         _dm(ham_dir)
 
 
-def test_corrupt_image_names_file(ham_dir):
-    dm = _dm(ham_dir, augment=False)
+def test_corrupt_image_names_file(ham_dir, caplog):
+    dm = _dm(ham_dir, augmentation="none")
     dm.setup("fit")
     path = dm.datasets["train"].paths[0]
     with open(path, "wb") as fh:
         fh.write(b"not a jpeg")
+    with caplog.at_level("WARNING", logger="medrobust.data"):
+        assert dm.datasets["train"][0] is None  # skipped, not fatal
+    assert path in caplog.text and dm.skipped_images() == [path]
+    strict = _dm(ham_dir, augmentation="none", strict=True)
+    strict.setup("fit")
+    i = strict.datasets["train"].paths.index(path)
     with pytest.raises(OSError, match=path.split("/")[-1]):
-        dm.datasets["train"][0]
+        strict.datasets["train"][i]
 
 
 def test_split_function_keeps_groups_apart():

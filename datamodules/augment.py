@@ -1,0 +1,67 @@
+"""Training-time augmentation: albumentations pipelines on ``uint8 (H, W, C)`` images.
+
+Chosen with ``datamodule.augmentation``: a preset name, ``none``, or a Hydra node with a
+``_target_`` (e.g. ``albumentations.Compose``) for a pipeline of your own. Presets (strengths
+as fractions of the image side or of the intensity range):
+
+- ``dermoscopy``: skin lesions have no canonical orientation: horizontal and vertical flips,
+  90-degree rotations, a free rotation (+-180 deg, reflected border), mild colour jitter
+  (brightness/contrast/saturation 0.1, hue 0.02) for camera and lighting differences.
+- ``xray``: small affine (scale 0.95-1.05, shift 3%, rotation +-5 deg) and brightness/contrast
+  0.1. No horizontal flip: anatomy is lateralised (heart on the left).
+- ``flips``: horizontal and vertical flips and 90-degree rotations (histology, cells).
+- ``none``: nothing.
+
+Augmentation is for training images only; validation and test images are never augmented.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["AUGMENTATIONS", "build_augmentation"]
+
+AUGMENTATIONS = ("none", "flips", "dermoscopy", "xray")
+
+
+def _preset(name: str, in_chans: int):
+    import albumentations as A
+    import cv2
+
+    if name == "flips":
+        return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)])
+    if name == "dermoscopy":
+        steps = [
+            A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5),
+            A.Affine(rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+        ]
+        if in_chans == 3:
+            steps.append(A.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02,
+                                       p=0.5))
+        else:
+            steps.append(A.RandomBrightnessContrast(0.1, 0.1, p=0.5))
+        return A.Compose(steps)
+    if name == "xray":
+        return A.Compose([
+            A.Affine(scale=(0.95, 1.05), translate_percent=(-0.03, 0.03), rotate=(-5, 5),
+                     border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+        ])
+    raise ValueError(f"datamodule.augmentation={name!r} is not a preset; choose one of "
+                     f"{list(AUGMENTATIONS)} or give a node with a _target_")
+
+
+def build_augmentation(spec: Any, in_chans: int):
+    """The training transform for ``spec`` (preset name, ``None``/``"none"``, or a Hydra node)."""
+    if spec is None or spec is False or (isinstance(spec, str) and spec.lower() == "none"):
+        return None
+    if isinstance(spec, str):
+        return _preset(spec.lower(), in_chans)
+    if hasattr(spec, "get") and spec.get("_target_"):
+        from hydra.utils import instantiate
+
+        return instantiate(spec, _convert_="all")
+    if callable(spec):
+        return spec
+    raise ValueError(f"datamodule.augmentation={spec!r}: expected a preset name "
+                     f"{list(AUGMENTATIONS)}, 'none', or a node with a _target_")

@@ -1,0 +1,274 @@
+"""The datamodule behind every on-disk dataset: a table of image files, labels, groups, splits.
+
+A subclass only reads its published layout into an :class:`ImageTable` (:meth:`read_table`);
+this class does the rest, identically for all of them:
+
+- splits: rows the publisher assigned to ``val``/``test`` stay there; whatever is missing is
+  carved out of the training rows, stratified by label and grouped by patient/lesion
+  (:func:`~datamodules.imaging.split_indices`), so no patient or lesion is in two splits;
+- checks at start-up: empty split, wrong ``in_chans`` for the images, ``num_classes`` or
+  ``task`` that contradict the data;
+- loading: decode per epoch (default), ``preload`` (decode once into memory) or ``cache_dir``
+  (decode once into a memory-mapped file shared by runs and workers), with unreadable images
+  skipped or fatal (``strict``);
+- augmentation (``datamodule.augmentation``, see :mod:`datamodules.augment`) on training
+  images only, and an optional class-balanced ``sampler``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .augment import build_augmentation
+from .base import SplitDataModule
+from .imaging import (
+    BadImageLog,
+    ImageDataset,
+    cache_name,
+    check_in_chans,
+    decode_to_memory,
+    open_cache,
+    split_indices,
+)
+
+__all__ = ["ImageTable", "ImageTableDataModule", "TASKS", "COMMON_OPTIONS", "find_file",
+           "read_csv_checked", "check_data_dir", "one_hot_to_index"]
+
+log = logging.getLogger("medrobust.data")
+
+TASKS = ("multiclass", "multilabel")
+SPLITS = ("train", "val", "test")
+
+# Options every file-based datamodule takes (and their defaults); datasets override some.
+COMMON_OPTIONS: dict = {
+    "image_size": 64, "in_chans": None, "num_classes": None, "task": None,
+    "val_fraction": 0.1, "test_fraction": 0.15, "seed": 42,
+    "batch_size": 64, "eval_batch_size": None, "num_workers": 2, "pin_memory": False,
+    "augmentation": "none", "sampler": None, "preload": False, "cache_dir": None,
+    "strict": False, "limit": None,
+}
+
+
+@dataclass
+class ImageTable:
+    """What a dataset reader returns.
+
+    Attributes:
+        paths: one image file per row.
+        targets: ``(N,)`` class indices (multiclass) or ``(N, K)`` multi-hot (multilabel).
+        class_names: names of the classes/findings, in target order.
+        task: ``multiclass`` or ``multilabel``.
+        source: what the rows were read from (named in error messages).
+        splits: ``(N,)`` of ``train``/``val``/``test`` where the publisher fixed the split
+            (``None`` = split everything here).
+        groups: ``(N,)`` patient or lesion ids (``None`` = every image its own group).
+    """
+
+    paths: list[str]
+    targets: np.ndarray
+    class_names: list[str]
+    task: str
+    source: str
+    splits: np.ndarray | None = None
+    groups: np.ndarray | None = None
+
+
+class ImageTableDataModule(SplitDataModule):
+    """Base of the file-based datamodules; subclasses implement :meth:`read_table` and call
+    :meth:`_prepare` at the end of ``__init__`` after ``save_hyperparameters``.
+
+    Common options (all in the datamodule YAMLs): ``data_dir``, ``image_size`` (pixels, square),
+    ``in_chans`` (1 or 3; ``null`` = from the images), ``num_classes``/``task`` (``null`` =
+    from the data; checked when given), ``val_fraction``/``test_fraction`` (used only for
+    splits the publisher did not fix), ``seed``, ``augmentation``, ``sampler``, ``preload``,
+    ``cache_dir``, ``strict``, ``limit`` (first N rows of each split), loader settings.
+    """
+
+    dataset_name = "images"
+    defaults: dict = {}  # per-dataset overrides of COMMON_OPTIONS
+
+    def _init_options(self, specific: dict, options: dict) -> None:
+        """Save ``specific`` (the dataset's own arguments) and the common ``options`` (checked
+        against :data:`COMMON_OPTIONS`) as hparams, then read and split the data."""
+        unknown = sorted(set(options) - set(COMMON_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown datamodule option(s) {unknown} for {type(self).__name__}; "
+                            f"known: {sorted(set(COMMON_OPTIONS) | set(specific))}")
+        self.save_hyperparameters({**COMMON_OPTIONS, **self.defaults, **options, **specific},
+                                  logger=False)
+        self._prepare()
+
+    def read_table(self) -> ImageTable:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ set-up
+    def _prepare(self) -> None:
+        hp = self.hparams
+        if int(hp.image_size) < 8:
+            raise ValueError(f"datamodule.image_size={hp.image_size} must be >= 8")
+        table = self.read_table()
+        if len(table.paths) == 0:
+            raise ValueError(f"{table.source} lists no images")
+        self.table = table
+        self.task = table.task
+        self.class_names = list(table.class_names)
+        self.num_classes = len(self.class_names)
+        if hp.get("task") not in (None, table.task):
+            raise ValueError(f"datamodule.task={hp.task!r} but {table.source} is {table.task}")
+        if hp.get("num_classes") not in (None, self.num_classes):
+            raise ValueError(f"datamodule.num_classes={hp.num_classes} but {table.source} has "
+                             f"{self.num_classes} classes: {self.class_names}")
+        self.in_chans = check_in_chans(table.paths, hp.get("in_chans"))
+        self.split_idx = self._split(table)
+        limit = hp.get("limit")
+        if limit is not None:
+            self.split_idx = {k: v[: int(limit)] for k, v in self.split_idx.items()}
+        for split in SPLITS:
+            if len(self.split_idx.get(split, ())) == 0:
+                raise ValueError(f"the {split} split of {table.source} is empty "
+                                 f"(split sizes: { {k: len(v) for k, v in self.split_idx.items()} })")
+        self.bad_log = BadImageLog()
+
+    def _split(self, table: ImageTable) -> dict[str, np.ndarray]:
+        hp = self.hparams
+        n = len(table.paths)
+        fixed = np.asarray(table.splits) if table.splits is not None else np.full(n, "train")
+        unknown = sorted(set(fixed.tolist()) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"{table.source}: unknown split names {unknown}; use {list(SPLITS)}")
+        out = {s: np.flatnonzero(fixed == s) for s in SPLITS}
+        train_rows = out["train"]
+        need_test = len(out["test"]) == 0
+        if len(out["val"]) == 0 or need_test:
+            carved = split_indices(
+                table.targets, table.groups, float(hp.val_fraction),
+                float(hp.test_fraction) if need_test else None, int(hp.seed), rows=train_rows,
+            )
+            out["train"] = carved["train"]
+            if len(out["val"]) == 0:
+                out["val"] = carved["val"]
+            else:  # official val, no official test: the carved val rows go back to train
+                out["train"] = np.sort(np.concatenate([carved["train"], carved["val"]]))
+            if need_test:
+                out["test"] = carved["test"]
+        return out
+
+    def targets(self, split: str) -> np.ndarray:
+        return self.table.targets[self.split_idx[split]]
+
+    def paths(self, split: str) -> list[str]:
+        return [self.table.paths[i] for i in self.split_idx[split]]
+
+    # ----------------------------------------------------------------------------- loading
+    def _cache_file(self, split: str) -> tuple[str, list[int]]:
+        hp = self.hparams
+        paths = self.paths(split)
+        name = cache_name(self.dataset_name, split, int(hp.image_size), self.in_chans, paths)
+        return open_cache(hp.cache_dir, name, paths, int(hp.image_size), self.in_chans,
+                          bool(hp.strict))
+
+    def prepare_data(self) -> None:
+        """Build the image caches once (rank 0 of each node) before ``setup`` reads them."""
+        if self.hparams.get("cache_dir"):
+            for split in SPLITS:
+                self._cache_file(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        size = int(hp.image_size)
+        for split in SPLITS:
+            paths, targets = self.paths(split), self.targets(split)
+            images = cache_file = None
+            bad: list[int] = []
+            if hp.get("cache_dir"):
+                cache_file, bad = self._cache_file(split)
+            elif hp.get("preload"):
+                images, bad = decode_to_memory(paths, size, self.in_chans, bool(hp.strict))
+            rows = np.arange(len(paths))
+            if bad:
+                log.warning("%s split: skipped %d unreadable image(s) of %d", split, len(bad),
+                            len(paths))
+                rows = np.setdiff1d(rows, bad)
+                paths = [paths[i] for i in rows]
+                targets = targets[rows]
+                if len(rows) == 0:
+                    raise ValueError(f"every image of the {split} split is unreadable")
+            transform = build_augmentation(hp.augmentation, self.in_chans) if split == "train" \
+                else None
+            self.datasets[split] = ImageDataset(
+                paths, targets, size, self.in_chans, transform, images=images,
+                cache_file=cache_file, rows=rows, strict=bool(hp.strict), bad_log=self.bad_log,
+            )
+
+    def skipped_images(self) -> list[str]:
+        """Images skipped as unreadable while loading so far (all workers)."""
+        return self.bad_log.paths()
+
+    def teardown(self, stage: str | None = None) -> None:
+        skipped = self.skipped_images()
+        if skipped:
+            log.warning("%d unreadable image(s) were skipped, e.g. %s", len(skipped), skipped[:5])
+
+
+def read_csv_checked(path: str | os.PathLike, required: tuple[str, ...] = (), **kwargs
+                     ) -> pd.DataFrame:
+    """``pandas.read_csv`` with errors that name the file and the missing columns."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise ValueError(f"cannot parse {path}: {err}") from err
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} lacks the columns {missing} (found {list(frame.columns)})")
+    if frame.empty:
+        raise ValueError(f"{path} lists no images")
+    return frame
+
+
+def check_data_dir(data_dir) -> str:
+    """``data_dir`` as an existing folder, or a clear error naming the key."""
+    if data_dir is None or str(data_dir) in ("", "???"):
+        raise ValueError("datamodule.data_dir is not set: give the dataset folder, "
+                         "e.g. datamodule.data_dir=/data/...")
+    root = os.path.expanduser(str(data_dir))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"datamodule.data_dir={root!r} is not a directory")
+    return root
+
+
+def one_hot_to_index(frame: pd.DataFrame, columns: list[str], source: str) -> np.ndarray:
+    """Class index per row from one-hot columns (``1``/``1.0``); every row needs exactly one."""
+    try:
+        onehot = frame[columns].astype(float).to_numpy()
+    except ValueError as err:
+        raise ValueError(f"{source}: class columns {columns} must hold 0/1 values ({err})") from err
+    ones = (onehot > 0.5).sum(axis=1)
+    bad = np.flatnonzero(ones != 1)
+    if len(bad):
+        raise ValueError(f"{source}: {len(bad)} row(s) do not have exactly one class among "
+                         f"{columns}, e.g. rows {bad[:5].tolist()}")
+    return onehot.argmax(axis=1).astype(np.int64)
+
+
+def find_file(root: str | os.PathLike, name: str, depth: int = 2) -> str | None:
+    """``root/name`` or the same name up to ``depth`` folders below ``root`` (first found)."""
+    root = os.fspath(root)
+    pattern = name
+    for _ in range(depth + 1):
+        import glob
+
+        hits = sorted(glob.glob(os.path.join(root, pattern)))
+        if hits:
+            return hits[0]
+        pattern = os.path.join("*", pattern)
+    return None
