@@ -218,3 +218,37 @@ def test_train_mode_attack_after_a_training_forward_keeps_backward_valid():
     assert torch.equal(model.net.features[1].running_mean, running)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_early_stop_never_weaker_and_stays_in_ball(trained_model, channels_last):
+    model, x, y = trained_model
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    eps = 6 / 255
+    torch.manual_seed(3)
+    plain = PGD(eps, steps=10)(model, x, y)
+    torch.manual_seed(3)  # same random start
+    early = PGD(eps, steps=10, early_stop=True)(model, x, y)
+    assert (early - x).abs().max() <= eps + 1e-6 and early.min() >= 0 and early.max() <= 1
+    with torch.no_grad():
+        wrong_plain = model(plain).argmax(1) != y
+        wrong_early = model(early).argmax(1) != y
+    assert 0 < wrong_plain.sum() < len(y) and (wrong_early | ~wrong_plain).all()
+    # samples never misclassified follow the plain trajectory to the end
+    untouched = ~wrong_early
+    assert torch.allclose(early[untouched], plain[untouched], atol=1e-5)
+    assert PGD(eps, early_stop=True).with_eps(1 / 255).early_stop
+
+
+def test_early_stop_rules():
+    with pytest.raises(ValueError, match="model_mode='eval'"):
+        PGD(EPS, early_stop=True, model_mode="train")
+    model = small_cnn(3, width=4).eval()
+    x, y = torch.rand(6, 3, 8, 8), (torch.rand(6, 3) < 0.5).float()
+    torch.manual_seed(0)
+    a = PGD(EPS, steps=3, early_stop=True)(model, x, y, loss_fn=bce_per_sample)
+    torch.manual_seed(0)
+    b = PGD(EPS, steps=3)(model, x, y, loss_fn=bce_per_sample)
+    assert torch.equal(a, b)  # multi-label: early stop does not apply

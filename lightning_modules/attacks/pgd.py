@@ -35,15 +35,23 @@ def _fp16_autocast_active(device_type: str) -> bool:
 
 
 def input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
-               loss_fn: LossFn) -> torch.Tensor:
+               loss_fn: LossFn, return_logits: bool = False):
     """Gradient of the summed per-sample loss with respect to the input only (no parameter
-    gradients); under float16 autocast the loss is scaled first so it does not underflow."""
+    gradients); under float16 autocast the loss is scaled first so it does not underflow.
+    With ``return_logits`` also the (detached) logits of that forward pass."""
     x_adv = x_adv.detach().requires_grad_(True)
-    loss = loss_fn(model(x_adv), y).sum()
+    logits = model(x_adv)
+    loss = loss_fn(logits, y).sum()
     if _fp16_autocast_active(x_adv.device.type):
         loss = loss * _FP16_LOSS_SCALE
     (grad,) = torch.autograd.grad(loss, x_adv)
-    return grad
+    return (grad, logits.detach()) if return_logits else grad
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class Attack:
@@ -127,6 +135,12 @@ class PGD(Attack):
             (a misclassified example first, then the highest loss). Use > 1 for evaluation.
         model_mode: ``"eval"`` (BatchNorm running statistics) or ``"train"`` (batch statistics,
             running statistics untouched); see :func:`attack_mode`.
+        early_stop: for evaluation: a sample whose current point is already misclassified
+            (argmax) keeps that point and leaves the batch, so later steps cost less as the
+            attack succeeds. Never weaker than plain PGD for accuracy-type metrics (a success
+            is never undone by a later step). Single-label targets only (ignored for
+            multi-label, whose AUROC depends on every logit); needs ``model_mode="eval"``
+            (a shrinking batch would change BatchNorm batch statistics). Not for training.
 
     Example:
         >>> attack = PGD(eps="8/255", steps=10)
@@ -145,8 +159,13 @@ class PGD(Attack):
         restarts: int = 1,
         model_mode: str = "eval",
         step_size_rel: float | None = None,
+        early_stop: bool = False,
     ) -> None:
         super().__init__(eps=eps, norm=norm, model_mode=model_mode)
+        if early_stop and model_mode != "eval":
+            raise ValueError("early_stop=true needs model_mode='eval' (a shrinking batch would "
+                             "change BatchNorm batch statistics)")
+        self.early_stop = bool(early_stop)
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps={steps!r} must be an integer >= 1")
         if int(restarts) != restarts or restarts < 1:
@@ -181,7 +200,8 @@ class PGD(Attack):
         if self._step_size is not None:
             rel = self._step_size / self.base_eps if self.base_eps > 0 else None
         return PGD(eps=new_eps, steps=self.steps, norm=self.norm, random_start=self.start,
-                   restarts=self.restarts, model_mode=self.model_mode, step_size_rel=rel)
+                   restarts=self.restarts, model_mode=self.model_mode, step_size_rel=rel,
+                   early_stop=self.early_stop)
 
     def describe(self) -> dict:
         return {
@@ -192,6 +212,7 @@ class PGD(Attack):
             "step_size": self.step_size,
             "random_start": self.start,
             "restarts": self.restarts,
+            **({"early_stop": True} if self.early_stop else {}),
         }
 
     def _one_run(
@@ -205,11 +226,36 @@ class PGD(Attack):
         else:
             x_adv = x.clone()
         step_size = self.step_size
+        if self.early_stop and y.dim() == 1:
+            return self._early_stopping_run(model, x, y, loss_fn, x_adv)
         for _ in range(self.steps):
             grad = input_grad(model, x_adv, y, loss_fn)
             with torch.no_grad():
                 x_adv = threat.project(threat.step(x_adv.detach(), grad, step_size), x)
         return x_adv.detach()
+
+    def _early_stopping_run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                            loss_fn: LossFn, x_adv: torch.Tensor) -> torch.Tensor:
+        """PGD steps on the samples not yet misclassified only (see ``early_stop``)."""
+        threat, step_size, fmt = self.threat, self.step_size, _memory_format(x)
+        out = x_adv.detach().clone()
+        active = torch.arange(x.shape[0], device=x.device)
+        xa, xs, ys = out, x, y
+        for _ in range(self.steps):
+            grad, logits = input_grad(model, xa, ys, loss_fn, return_logits=True)
+            with torch.no_grad():
+                stepped = threat.project(threat.step(xa.detach(), grad, step_size), xs)
+                going = logits.argmax(dim=1) == ys
+                out[active] = torch.where(going.view(-1, *([1] * (x.dim() - 1))), stepped, xa)
+                if bool(going.all()):  # one host sync per step: evaluation only
+                    xa = stepped
+                    continue
+                active, xs, ys = active[going], xs[going], ys[going]
+                if active.numel() == 0:
+                    break
+                xa = stepped[going].contiguous(memory_format=fmt)
+                xs = xs.contiguous(memory_format=fmt)
+        return out
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None = None
