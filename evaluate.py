@@ -94,6 +94,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     net = net.to(device).eval()
+    fmt = torch.channels_last if train_cfg.get("module", {}).get("channels_last") \
+        else torch.contiguous_format  # the memory format the run trained in
+    net = net.to(memory_format=fmt)
     loss_fn = loss_for_task(task)
     datamodule.setup("test" if split == "test" else "validate")
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
@@ -111,6 +114,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if limit is not None and i >= int(limit):
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=fmt)
         with amp:
             with torch.no_grad():
                 clean_metrics.update(net(x).float(), y.long())

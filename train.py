@@ -165,12 +165,14 @@ def summary_table(result: dict[str, Any], loggers: list, out_dir: Path) -> str:
     names = sorted({k.split("/", 1)[1] for k in test if not k.split("/", 1)[1].startswith("adv_")
                     and not k.endswith("loss")})
     if names:
-        lines.append(f"{'test metric':<14}{'clean':>10}{atk_name + ' @ ' + eps:>22}")
+        names.sort(key=lambda n: ("/" in n, n))  # summary metrics first, then per class
+        width = max(14, 2 + max(len(n) for n in names))
+        lines.append(f"{'test metric':<{width}}{'clean':>10}{atk_name + ' @ ' + eps:>22}")
         for name in names:
             clean = test.get(f"test/{name}")
             adv = test.get(f"test/adv_{name}")
             fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-            lines.append(f"{name:<14}{fmt(clean):>10}{fmt(adv):>22}")
+            lines.append(f"{name:<{width}}{fmt(clean):>10}{fmt(adv):>22}")
     else:
         lines.append("(no test metrics: test=false)")
     skipped = result.get("skipped_images") or []

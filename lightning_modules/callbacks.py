@@ -84,6 +84,8 @@ class CatastrophicOverfittingMonitor(Callback):
         pgd_acc, fgsm_acc = self.measure(pl_module)
         pl_module.log("co/pgd_acc", pgd_acc)
         pl_module.log("co/fgsm_acc", fgsm_acc)
+        if not getattr(pl_module.defense, "attacks", None):
+            return  # no adversarial training (defense=none): falling PGD accuracy is expected
         if pgd_acc >= self.best_pgd_acc:
             self.best_pgd_acc = pgd_acc
             self.good_epoch = trainer.current_epoch

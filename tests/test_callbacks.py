@@ -66,3 +66,13 @@ def test_bad_arguments():
         CatastrophicOverfittingMonitor(action="panic")
     with pytest.raises(ValueError, match="min_drop"):
         CatastrophicOverfittingMonitor(min_drop=0)
+
+
+def test_silent_without_adversarial_training(tmp_path):
+    parts = _parts(tmp_path, "defense=none", "trainer.max_epochs=3")
+    trainer, module = parts["trainer"], parts["module"]
+    monitor = _monitor(trainer)
+    script = iter([(0.60, 0.65), (0.05, 0.20), (0.01, 0.10)])
+    monitor.measure = lambda pl_module: next(script)
+    trainer.fit(module, datamodule=parts["datamodule"])  # an undefended model just gets less robust
+    assert monitor.collapsed_epoch is None and trainer.current_epoch == 3
