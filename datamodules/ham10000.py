@@ -81,13 +81,8 @@ class HAM10000DataModule(ImageTableDataModule):
         self.save_hyperparameters(logger=False)
         self._prepare()
 
-    def _prepare(self) -> None:
-        limit = self.hparams.limit
-        self.hparams.limit = None  # limit counts lesions here, applied in read_table
-        try:
-            super()._prepare()
-        finally:
-            self.hparams.limit = limit
+    def _limit(self, split_idx: dict) -> dict:
+        return split_idx  # ``limit`` counts lesions here and is applied in read_table
 
     def read_table(self) -> ImageTable:
         hp = self.hparams

@@ -76,7 +76,8 @@ def _download(data_dir: str, flag: str, size: int) -> None:
         import medmnist
     except ImportError:
         return
-    cls = getattr(medmnist, flag[0].upper() + flag[1:].replace("mnist", "MNIST"), None)
+    info = getattr(medmnist, "INFO", {}).get(flag, {})
+    cls = getattr(medmnist, info.get("python_class", ""), None)
     if cls is None:
         return
     os.makedirs(data_dir, exist_ok=True)

@@ -17,6 +17,7 @@ this class does the rest, identically for all of them:
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -36,12 +37,11 @@ from .imaging import (
     split_indices,
 )
 
-__all__ = ["ImageTable", "ImageTableDataModule", "TASKS", "COMMON_OPTIONS", "find_file",
+__all__ = ["ImageTable", "ImageTableDataModule", "COMMON_OPTIONS", "find_file",
            "read_csv_checked", "check_data_dir", "one_hot_to_index"]
 
 log = logging.getLogger("medrobust.data")
 
-TASKS = ("multiclass", "multilabel")
 SPLITS = ("train", "val", "test")
 
 # Options every file-based datamodule takes (and their defaults); datasets override some.
@@ -124,10 +124,7 @@ class ImageTableDataModule(SplitDataModule):
             raise ValueError(f"datamodule.num_classes={hp.num_classes} but {table.source} has "
                              f"{self.num_classes} classes: {self.class_names}")
         self.in_chans = check_in_chans(table.paths, hp.get("in_chans"))
-        self.split_idx = self._split(table)
-        limit = hp.get("limit")
-        if limit is not None:
-            self.split_idx = {k: v[: int(limit)] for k, v in self.split_idx.items()}
+        self.split_idx = self._limit(self._split(table))
         for split in SPLITS:
             if len(self.split_idx.get(split, ())) == 0:
                 raise ValueError(f"the {split} split of {table.source} is empty "
@@ -157,6 +154,13 @@ class ImageTableDataModule(SplitDataModule):
             if need_test:
                 out["test"] = carved["test"]
         return out
+
+    def _limit(self, split_idx: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``limit``: keep the first N images of each split (quick runs)."""
+        limit = self.hparams.get("limit")
+        if limit is None:
+            return split_idx
+        return {k: v[: int(limit)] for k, v in split_idx.items()}
 
     def targets(self, split: str) -> np.ndarray:
         return self.table.targets[self.split_idx[split]]
@@ -265,8 +269,6 @@ def find_file(root: str | os.PathLike, name: str, depth: int = 2) -> str | None:
     root = os.fspath(root)
     pattern = name
     for _ in range(depth + 1):
-        import glob
-
         hits = sorted(glob.glob(os.path.join(root, pattern)))
         if hits:
             return hits[0]

@@ -107,6 +107,16 @@ class Attack:
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None = None
     ) -> torch.Tensor:
+        """Adversarial examples for ``(x, y)``: detached, same shape and dtype as ``x``; the
+        identity at eps = 0. Subclasses implement :meth:`_perturb`, which runs inside
+        :func:`attack_mode` with gradients enabled."""
+        if self.eps == 0:
+            return x.detach().clone()
+        with attack_mode(model, self.model_mode), torch.enable_grad():
+            return self._perturb(model, x.detach(), y, loss_fn or cross_entropy_per_sample)
+
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 loss_fn: LossFn) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def __repr__(self) -> str:
@@ -257,26 +267,19 @@ class PGD(Attack):
                 xs = xs.contiguous(memory_format=fmt)
         return out
 
-    def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None = None
-    ) -> torch.Tensor:
-        """Return adversarial examples for ``(x, y)``: detached, same shape and dtype as ``x``."""
-        if self.eps == 0:
-            return x.detach().clone()
-        loss_fn = loss_fn or cross_entropy_per_sample
-        x = x.detach()
-        with attack_mode(model, self.model_mode), torch.enable_grad():
-            best = self._one_run(model, x, y, loss_fn)
-            if self.restarts == 1:
-                return best
-            best_score = self._score(model, best, y, loss_fn)
-            for _ in range(self.restarts - 1):
-                cand = self._one_run(model, x, y, loss_fn)
-                score = self._score(model, cand, y, loss_fn)
-                better = score > best_score
-                best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), cand, best)
-                best_score = torch.maximum(score, best_score)
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 loss_fn: LossFn) -> torch.Tensor:
+        best = self._one_run(model, x, y, loss_fn)
+        if self.restarts == 1:
             return best
+        best_score = self._score(model, best, y, loss_fn)
+        for _ in range(self.restarts - 1):
+            cand = self._one_run(model, x, y, loss_fn)
+            score = self._score(model, cand, y, loss_fn)
+            better = score > best_score
+            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), cand, best)
+            best_score = torch.maximum(score, best_score)
+        return best
 
     @staticmethod
     def _score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn):
@@ -337,15 +340,9 @@ class NFGSM(Attack):
         return {"attack": self.name, "norm": self.norm, "eps": self.eps, "steps": 1,
                 "noise_mult": self.noise_mult, "step_size": self.step_size_rel * self.eps}
 
-    def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None = None
-    ) -> torch.Tensor:
-        if self.eps == 0:
-            return x.detach().clone()
-        loss_fn = loss_fn or cross_entropy_per_sample
-        x = x.detach()
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 loss_fn: LossFn) -> torch.Tensor:
         k_eps = self.noise_mult * self.eps
         x0 = (x + torch.empty_like(x).uniform_(-k_eps, k_eps)).clamp_(0.0, 1.0)
-        with attack_mode(model, self.model_mode), torch.enable_grad():
-            grad = input_grad(model, x0, y, loss_fn)
+        grad = input_grad(model, x0, y, loss_fn)
         return (x0.detach() + self.step_size_rel * self.eps * grad.sign()).clamp_(0.0, 1.0)
