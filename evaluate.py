@@ -2,9 +2,15 @@
 
     python evaluate.py ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt
     python evaluate.py ckpt_path=... 'eps_grid=[0,2/255,4/255]' attacks.pgd.restarts=3
+    python evaluate.py ckpt_path=... trainer=ddp trainer.devices=4 trainer.precision=bf16-mixed
 
 The checkpoint carries the resolved training config (data, backbone, task), so nothing else is
-needed; ``datamodule.*`` keys here override the stored ones (e.g. another ``data_dir``).
+needed; ``datamodule.*`` keys here override the stored ones (e.g. another ``data_dir``). The
+attacks are the ``conf/attack`` nodes mounted under ``attacks`` (``threat.norm`` sets their
+norm); each runs at every eps of ``eps_grid``, and with two or more attacks each radius also gets
+the per-sample worst case over them (``worst``). Evaluation runs through a Lightning ``Trainer``
+built from the ``trainer`` group, as training does (devices, precision, DDP, limits such as
+``trainer.limit_test_batches``), with :class:`~lightning_modules.evaluation.EvaluationModule`.
 Report (default ``<run dir>/eval/``): ``report.json`` (RobustBench-like: clean metrics, then
 per attack and epsilon), ``report.csv`` (one row per attack and epsilon), ``accuracy_vs_eps.png``
 and ``summary.md``. The row at eps=0 must equal the clean metrics (the attacks are the identity).
@@ -15,16 +21,17 @@ from __future__ import annotations
 import csv
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules.attacks import loss_for_task, parse_eps
-from lightning_modules.metrics import SCORE_METRIC, build_metrics, scalar_metrics
+from lightning_modules.attacks import parse_eps
+from lightning_modules.evaluation import EvaluationModule
+from lightning_modules.tasks import SCORE_METRIC
 from lightning_modules.utils import (
     ConfigError,
     exit_on_config_error,
@@ -66,75 +73,55 @@ def build_from_checkpoint(ckpt: dict, datamodule_overrides: DictConfig | None):
     return train_cfg, datamodule, net
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision in ("32", "32-true", "64"):
-        return nullcontext()
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the grid and write the report; returns the report dict."""
+    """Run the grid through a Trainer and write the report (rank 0); returns the report."""
     start = time.perf_counter()
     if cfg.get("seed") is not None:
-        torch.manual_seed(int(cfg.seed))
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt = load_checkpoint(cfg.ckpt_path)
     train_cfg, datamodule, net = build_from_checkpoint(ckpt, cfg.get("datamodule"))
     task, num_classes = train_cfg.datamodule.task, int(train_cfg.datamodule.num_classes)
-    if cfg.get("batch_size"):
-        datamodule.hparams.eval_batch_size = int(cfg.batch_size)
     eps_grid = [parse_eps(e, "eps_grid") for e in cfg.eps_grid]
     if not eps_grid:
         raise ConfigError("eps_grid is empty")
+    if not cfg.get("attacks"):
+        raise ConfigError("attacks is empty: mount at least one conf/attack node")
     attacks = {name: instantiate_node(cfg.attacks, name) for name in cfg.attacks}
     split = cfg.get("split", "test")
     if split not in ("val", "test"):
         raise ConfigError(f"split={split!r} must be 'val' or 'test'")
-
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
-    net = net.to(device).eval()
-    fmt = torch.channels_last if train_cfg.get("module", {}).get("channels_last") \
-        else torch.contiguous_format  # the memory format the run trained in
-    net = net.to(memory_format=fmt)
-    loss_fn = loss_for_task(task)
-    datamodule.setup("test" if split == "test" else "validate")
-    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-
-    clean_metrics = build_metrics(task, num_classes, per_class=True).to(device)
-    grid = [(name, eps) for name in attacks for eps in eps_grid]
-    adv_metrics = {key: build_metrics(task, num_classes, per_class=True).to(device)
-                   for key in grid}
     class_names = list(getattr(datamodule, "class_names", None) or []) or None
-    cells = {(name, eps): attacks[name].with_eps(eps) for name, eps in grid}
-    limit = cfg.get("limit_batches")
-    n_seen = 0
-    amp = _autocast(device, str(cfg.get("precision", "32")))
-    for i, (x, y) in enumerate(loader):
-        if limit is not None and i >= int(limit):
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=fmt)
-        with amp:
-            with torch.no_grad():
-                clean_metrics.update(net(x).float(), y.long())
-            for key, atk in cells.items():
-                x_adv = atk(net, x, y, loss_fn)
-                with torch.no_grad():
-                    adv_metrics[key].update(net(x_adv).float(), y.long())
-        n_seen += x.shape[0]
-        log.info("batch %d: %d images", i, n_seen)
-    if n_seen == 0:
+    try:
+        module = EvaluationModule(net, task, num_classes, attacks, eps_grid,
+                                  channels_last=bool(train_cfg.get("module", {})
+                                                     .get("channels_last")),  # as trained
+                                  class_names=class_names)
+    except ValueError as err:
+        raise ConfigError(f"attacks: {err}") from err
+    trainer = instantiate_node(cfg, "trainer", logger=False, callbacks=[],
+                               enable_checkpointing=False)
+    if getattr(trainer, "_inference_mode", False):
+        raise ConfigError("trainer.inference_mode must be false: attacks need gradients")
+    if split == "test":
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    else:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    if module.n_images == 0:
         raise ConfigError(f"the {split} split is empty")
 
-    clean = scalar_metrics(clean_metrics.compute(), class_names)
     rows = []
-    for (name, eps), coll in adv_metrics.items():
-        desc = cells[(name, eps)].describe()
-        rows.append({"attack": name, "norm": desc["norm"], "eps": eps, "eps_str": format_eps(eps),
-                     "steps": desc.get("steps", 1), "restarts": desc.get("restarts", 1),
-                     **scalar_metrics(coll.compute(), class_names)})
+    for kind, metrics in module.results.items():
+        if kind == "clean":
+            continue
+        name, eps_str = kind.rsplit("@", 1)
+        cell = module.cells.get(kind)
+        desc = cell.describe() if cell is not None else {}
+        eps = cell.eps if cell is not None else parse_eps(eps_str)
+        rows.append({"attack": name, "norm": desc.get("norm", cfg.threat.norm), "eps": eps,
+                     "eps_str": format_eps(eps),
+                     "steps": desc.get("steps", 1) if cell is not None else None,
+                     "restarts": desc.get("restarts", 1) if cell is not None else None,
+                     **metrics})
     report = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
         "epoch": ckpt.get("epoch"),
@@ -143,19 +130,24 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "class_names": class_names,
         "score_metric": SCORE_METRIC[task],
         "split": split,
-        "n_images": n_seen,
+        "n_images": module.n_images,
         "dataset": train_cfg.datamodule.get("_target_"),
         "backbone": train_cfg.backbone.get("name", train_cfg.backbone.get("_target_")),
         "defense": train_cfg.defense.get("name", train_cfg.defense.get("_target_")),
         "train_threat": OmegaConf.to_container(train_cfg.get("threat", {}), resolve=True),
-        "clean": clean,
+        "precision": str(trainer.precision),
+        "devices": trainer.world_size,
+        "clean": module.results["clean"],
         "attacks": {name: attacks[name].describe() for name in attacks},
+        "worst_case": "per sample, over the clean prediction and every attack at that eps"
+        if len(attacks) > 1 else None,
         "results": rows,
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else \
         Path(cfg.ckpt_path).resolve().parent.parent / "eval"
-    write_report(report, out_dir)
+    if trainer.is_global_zero:
+        write_report(report, out_dir)
     report["output_dir"] = str(out_dir)
     return report
 
@@ -245,7 +237,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
 def main(cfg: DictConfig) -> None:
     with exit_on_config_error(log):
         report = evaluate(cfg)
-    print(summary_markdown(report), flush=True)
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
+            or torch.distributed.get_rank() == 0:
+        print(summary_markdown(report), flush=True)
     print(f"report written to {report['output_dir']}", flush=True)
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.attacks import FGSM, NFGSM, PGD, cross_entropy_per_sample
+from lightning_modules.attacks import FGSM, NFGSM, PGD
 from lightning_modules.backbones import small_cnn, timm_model
 from lightning_modules.defenses import (
     TRADES,
@@ -73,7 +73,7 @@ def make_model(name: str, num_classes: int, channels_last: bool) -> torch.nn.Mod
 
 def raw_step(net, opt, defense) -> Callable[[torch.Tensor, torch.Tensor], None]:
     def step(x, y):
-        out = defense(net, x, y, cross_entropy_per_sample)
+        out = defense(net, x, y, "multiclass")
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -213,7 +213,7 @@ def bench_model(name: str, args) -> list[tuple[str, float]]:
             "n_fgsm": AdversarialTraining({"n": NFGSM(eps)}),
             f"trades (K={steps})": TRADES(PGD(eps, steps=steps, random_start="normal")),
             f"mart (K={steps})": MisclassificationAwareAT(PGD(eps, steps=steps)),
-            "mpadvt (per_sample)": MPAdvT([{"eps": eps / 8, "steps": 2},
+            "mpadvt (per_sample)": MPAdvT(PGD(eps, model_mode="train"), [{"eps": eps / 8, "steps": 2},
                                            {"eps": eps / 4, "steps": 3},
                                            {"eps": eps / 2, "steps": 5},
                                            {"eps": eps, "steps": steps}]),

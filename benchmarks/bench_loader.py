@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from datamodules.ham10000 import HAM10000DataModule
-from lightning_modules.attacks import PGD, cross_entropy_per_sample
+from lightning_modules.attacks import PGD
 from lightning_modules.backbones import small_cnn
 from lightning_modules.defenses import AdversarialTraining
 
@@ -66,7 +66,7 @@ def training_rate(image_size: int, batch: int, steps: int, eps: float, repeats: 
     y = torch.randint(0, 7, (batch,))
 
     def step():
-        out = defense(net, x, y, cross_entropy_per_sample)
+        out = defense(net, x, y, "multiclass")
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

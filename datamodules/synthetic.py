@@ -17,7 +17,7 @@ import math
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_modules.attacks.losses import TASKS
+from lightning_modules.tasks import TASKS
 
 from .base import SplitDataModule
 

@@ -17,8 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .attacks import FGSM, PGD, task_of
-from .attacks.losses import predictions_wrong
+from .attacks import FGSM, PGD
+from .utils import to_memory_format
 
 __all__ = ["CatastrophicOverfittingMonitor"]
 
@@ -60,22 +60,23 @@ class CatastrophicOverfittingMonitor(Callback):
             raise ValueError("CatastrophicOverfittingMonitor: the validation split is empty")
         self._batch = (torch.cat(xs)[: self.n_samples], torch.cat(ys)[: self.n_samples])
         val_attack = pl_module.val_attack
-        eps = val_attack.base_eps if self.eps is None else self.eps
+        eps = val_attack.eps if self.eps is None else self.eps
         self.pgd = PGD(eps, steps=self.pgd_steps, norm=val_attack.norm, random_start=False)
         self.fgsm = FGSM(eps, norm=val_attack.norm)
 
     def measure(self, pl_module: L.LightningModule) -> tuple[float, float]:
         """(PGD accuracy, FGSM accuracy) of the current weights on the fixed batch."""
         x, y = (t.to(pl_module.device) for t in self._batch)
-        net, loss_fn, task = pl_module.net, pl_module.loss_fn, task_of(y)
+        x = to_memory_format(x, pl_module.memory_format)  # as the module's own batches
+        net, task = pl_module.net, pl_module.task
         accs = []
         with torch.enable_grad():
             for atk in (self.pgd, self.fgsm):
-                x_adv = atk(net, x, y, loss_fn)
+                x_adv = atk(net, x, y, task)
                 with torch.no_grad():
                     was_training = net.training
                     net.eval()
-                    wrong = predictions_wrong(net(x_adv), y, task)
+                    wrong = task.wrong(net(x_adv), y)
                     net.train(was_training)
                 accs.append(1.0 - wrong.float().mean().item())
         return accs[0], accs[1]

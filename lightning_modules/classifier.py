@@ -2,7 +2,9 @@
 
 It orchestrates; the pieces are plain PyTorch: ``net`` (a backbone taking images in [0, 1]),
 ``defense`` (returns the training loss for a batch, crafting adversarial examples from the
-current weights) and ``val_attack`` (crafts adversarial examples for validation and test).
+current weights), ``val_attack`` (crafts adversarial examples for validation and test) and the
+evaluation engine (:class:`~lightning_modules.robust_eval.RobustEvaluator`), which turns clean
+and adversarial predictions into metrics; ``evaluate.py`` uses the same engine.
 One class serves single-label (``multiclass``, softmax cross-entropy) and multi-label
 (``multilabel``, per-finding sigmoid BCE) tasks.
 
@@ -18,13 +20,15 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric
 
-from .attacks import Attack, attack_mode, loss_for_task
+from .attacks import Attack, attack_mode
 from .defenses import Defense
-from .metrics import SCORE_METRIC, build_metrics, scalar_metrics
+from .metrics import build_metrics, scalar_metrics
+from .robust_eval import RobustEvaluator
+from .tasks import Task, check_task
+from .utils import to_memory_format
 
 __all__ = ["RobustClassifier"]
 
@@ -83,25 +87,23 @@ class RobustClassifier(L.LightningModule):
         self.net = net
         self.defense = defense
         self.val_attack = val_attack
-        self.task = task
-        self.loss_fn = loss_for_task(task)
-        self.train_loss_fn = self.loss_fn
+        self.task_name = check_task(task, "module.task")
+        weights = None
         if class_weights is not None:
             if isinstance(class_weights, str) or len(class_weights) != num_classes:
                 raise ValueError(f"module.class_weights={class_weights!r} must be null, "
                                  f"'balanced' (resolved by train.py) or {num_classes} numbers")
             if any(float(w) < 0 for w in class_weights):
                 raise ValueError(f"module.class_weights={list(class_weights)} must be >= 0")
-            self.register_buffer("class_weights",
-                                 torch.tensor([float(w) for w in class_weights]), persistent=False)
-            self.train_loss_fn = self._weighted_loss
-        self.score_key = SCORE_METRIC[task]
-        self.metrics = nn.ModuleDict({
-            f"{stage}_{kind}": build_metrics(task, num_classes,
-                                             prefix=f"{stage}/{'adv_' if kind == 'adv' else ''}",
-                                             per_class=stage == "test")
-            for stage in ("train", "val", "test") for kind in ("clean", "adv")
-        })
+            weights = torch.tensor([float(w) for w in class_weights])
+        self.register_buffer("class_weights", weights, persistent=False)  # None = unweighted
+        self.score_key = Task(task).score_metric
+        self.train_metrics = nn.ModuleDict({
+            kind: build_metrics(task, num_classes) for kind in ("clean", "adv")})
+        self.evaluators = nn.ModuleDict({
+            stage: RobustEvaluator(task, num_classes, {"adv": val_attack},
+                                   per_class=stage == "test")
+            for stage in ("val", "test")})
         self.val_score_best = MaxMetric()
         if eps_warmup_epochs < 0:
             raise ValueError(f"module.eps_warmup_epochs={eps_warmup_epochs} must be >= 0")
@@ -116,25 +118,18 @@ class RobustClassifier(L.LightningModule):
             self.net.compile()  # in place: state_dict keys (and checkpoints) stay the same
             self._compiled = True
 
-    def _images(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and self.memory_format is torch.channels_last:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
+    @property
+    def task(self) -> Task:
+        """The unweighted task (validation, test, monitors)."""
+        return Task(self.task_name)
+
+    @property
+    def train_task(self) -> Task:
+        """The task with the training-loss class weights (on the module's device)."""
+        return Task(self.task_name, self.class_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def _weighted_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-sample class-weighted cross-entropy, or BCE with ``pos_weight`` (multi-label)."""
-        w = self.class_weights
-        if self.task == "multiclass":
-            return F.cross_entropy(logits.float(), y.long(), weight=w, reduction="none")
-        return F.binary_cross_entropy_with_logits(logits.float(), y.float(), pos_weight=w,
-                                                  reduction="none").sum(dim=1)
-
-    @staticmethod
-    def _target(y: torch.Tensor) -> torch.Tensor:
-        return y.long()
 
     # ----------------------------------------------------------------------------- training
     def eps_scale(self, batch_idx: int) -> float:
@@ -148,27 +143,31 @@ class RobustClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        x = self._images(x)
+        x = to_memory_format(x, self.memory_format)
+        scale = self.eps_scale(batch_idx)
         if self.hparams.eps_warmup_epochs > 0:
-            scale = self.eps_scale(batch_idx)
-            self.defense.set_eps_scale(scale)
             self.log("train/eps_scale", scale, on_step=False, on_epoch=True)
-        out = self.defense(self.net, x, y, self.train_loss_fn)
+        out = self.defense(self.net, x, y, self.train_task, eps_scale=scale)
         logits_clean = out.logits_clean
         if logits_clean is None and self.hparams.train_clean_metrics:
             with torch.no_grad(), attack_mode(self.net, "eval"):
                 logits_clean = self.net(x)
-        target = self._target(y)
+        target = y.long()
         if logits_clean is not None:
-            self.metrics["train_clean"].update(logits_clean.detach().float(), target)
+            self.train_metrics["clean"].update(logits_clean.detach().float(), target)
         if out.logits_adv is not None:
-            self.metrics["train_adv"].update(out.logits_adv.detach().float(), target)
+            self.train_metrics["adv"].update(out.logits_adv.detach().float(), target)
         self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=x.shape[0], sync_dist=True)
         return out.loss
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train", prog_bar=False)
+        values = {}
+        for kind, coll in self.train_metrics.items():
+            if any(m.update_count > 0 for m in coll.values()):
+                values[kind] = scalar_metrics(coll.compute())
+            coll.reset()
+        self._log_values("train", values, prog_bar=False)
 
     # --------------------------------------------------------------------------- evaluation
     def _check_grad_possible(self) -> None:
@@ -187,17 +186,11 @@ class RobustClassifier(L.LightningModule):
 
     def _eval_step(self, stage: str, batch) -> None:
         x, y = batch
-        x = self._images(x)
-        logits = self.net(x)
-        x_adv = self.val_attack(self.net, x, y, self.loss_fn)
-        with torch.no_grad():
-            logits_adv = self.net(x_adv)
-        target = self._target(y)
-        self.metrics[f"{stage}_clean"].update(logits.float(), target)
-        self.metrics[f"{stage}_adv"].update(logits_adv.float(), target)
-        self.log(f"{stage}/loss", self.loss_fn(logits, y).mean(), on_epoch=True,
+        out = self.evaluators[stage].update(self.net, to_memory_format(x, self.memory_format), y)
+        task = self.task
+        self.log(f"{stage}/loss", task.loss(out.clean, y).mean(), on_epoch=True,
                  batch_size=x.shape[0], sync_dist=True)
-        self.log(f"{stage}/adv_loss", self.loss_fn(logits_adv, y).mean(), on_epoch=True,
+        self.log(f"{stage}/adv_loss", task.loss(out.adv["adv"], y).mean(), on_epoch=True,
                  batch_size=x.shape[0], sync_dist=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -207,7 +200,7 @@ class RobustClassifier(L.LightningModule):
         self._eval_step("test", batch)
 
     def on_validation_epoch_end(self) -> None:
-        values = self._log_epoch("val", prog_bar=True)
+        values = self._log_eval_epoch("val", prog_bar=True)
         if values and not self.trainer.sanity_checking:
             score = values[f"val/adv_{self.score_key}"]
             self.val_score_best.update(score)
@@ -216,17 +209,21 @@ class RobustClassifier(L.LightningModule):
             self.val_score_best.reset()
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test", prog_bar=False)
+        self._log_eval_epoch("test", prog_bar=False)
 
-    def _log_epoch(self, stage: str, prog_bar: bool) -> dict[str, torch.Tensor]:
-        values: dict[str, torch.Tensor] = {}
-        for kind in ("clean", "adv"):
-            coll = self.metrics[f"{stage}_{kind}"]
-            if any(m.update_count > 0 for m in coll.values()):
-                computed = scalar_metrics(coll.compute(), self.hparams.class_names)
-                values.update({k: torch.tensor(v, device=self.device)
-                               for k, v in computed.items()})
-            coll.reset()
+    def _log_eval_epoch(self, stage: str, prog_bar: bool) -> dict[str, torch.Tensor]:
+        evaluator = self.evaluators[stage]
+        values = evaluator.compute(self.hparams.class_names)
+        evaluator.reset()
+        return self._log_values(stage, values, prog_bar)
+
+    def _log_values(self, stage: str, by_kind: dict[str, dict[str, float]], prog_bar: bool
+                    ) -> dict[str, torch.Tensor]:
+        """Log ``{clean|adv: {metric: value}}`` as ``<stage>/<metric>`` and
+        ``<stage>/adv_<metric>`` (plus ``<stage>/adv_score`` outside training)."""
+        values = {f"{stage}/{'adv_' if kind == 'adv' else ''}{k}":
+                  torch.tensor(v, device=self.device)
+                  for kind, computed in by_kind.items() for k, v in computed.items()}
         if stage != "train" and f"{stage}/adv_{self.score_key}" in values:
             values[f"{stage}/adv_score"] = values[f"{stage}/adv_{self.score_key}"]
         if values:

@@ -21,17 +21,17 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
+from .tasks import SCORE_METRIC, check_task
+
 __all__ = ["build_metrics", "scalar_metrics", "SCORE_METRIC", "PER_CLASS_SUFFIX"]
 
 PER_CLASS_SUFFIX = "_per_class"
-
-SCORE_METRIC = {"multiclass": "bal_acc", "multilabel": "auroc"}
 
 
 def build_metrics(task: str, num_classes: int, prefix: str = "", per_class: bool = False
                   ) -> MetricCollection:
     """A fresh ``MetricCollection`` for ``task``; keys are ``prefix + name``."""
-    if task == "multiclass":
+    if check_task(task) == "multiclass":
         metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "bal_acc": MulticlassAccuracy(num_classes, average="macro"),
@@ -39,7 +39,7 @@ def build_metrics(task: str, num_classes: int, prefix: str = "", per_class: bool
         }
         if per_class:
             metrics["recall" + PER_CLASS_SUFFIX] = MulticlassRecall(num_classes, average=None)
-    elif task == "multilabel":
+    else:
         metrics = {
             "auroc": MultilabelAUROC(num_classes, average="macro"),
             "acc": MultilabelAccuracy(num_classes, average="macro"),
@@ -47,8 +47,6 @@ def build_metrics(task: str, num_classes: int, prefix: str = "", per_class: bool
         }
         if per_class:
             metrics["auroc" + PER_CLASS_SUFFIX] = MultilabelAUROC(num_classes, average=None)
-    else:
-        raise ValueError(f"task={task!r} must be 'multiclass' or 'multilabel'")
     return MetricCollection(metrics, prefix=prefix)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "write_json",
     "register_resolvers",
     "exit_on_config_error",
+    "to_memory_format",
 ]
 
 
@@ -122,3 +124,10 @@ def exit_on_config_error(log: logging.Logger) -> Iterator[None]:
         log.error("%s", err)
         print(f"medrobust: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def to_memory_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """Images ``(B, C, H, W)`` in ``memory_format`` (channels-last runs); other tensors as-is."""
+    if x.dim() == 4 and memory_format is torch.channels_last:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x

@@ -7,15 +7,9 @@ import copy
 import pytest
 import torch
 
-from lightning_modules.attacks import (
-    FGSM,
-    PGD,
-    attack_mode,
-    bce_per_sample,
-    cross_entropy_per_sample,
-    parse_eps,
-)
+from lightning_modules.attacks import FGSM, PGD, attack_mode, parse_eps
 from lightning_modules.backbones import small_cnn
+from lightning_modules.tasks import bce_per_sample, cross_entropy_per_sample
 
 EPS = 8 / 255
 
@@ -158,11 +152,11 @@ def test_multilabel_bce_path():
             loss.backward()
             opt.step()
     model.eval()
-    x_adv = PGD(EPS, steps=5)(model, x, y, loss_fn=bce_per_sample)
+    x_adv = PGD(EPS, steps=5)(model, x, y, "multilabel")
     assert (x_adv - x).abs().max() <= EPS + 1e-6
     assert _loss(model, x_adv, y, bce_per_sample) > _loss(model, x, y, bce_per_sample) + 0.05
     torch.manual_seed(0)
-    x_r = PGD(EPS, steps=2, restarts=2)(model, x, y, loss_fn=bce_per_sample)
+    x_r = PGD(EPS, steps=2, restarts=2)(model, x, y, "multilabel")
     assert x_r.shape == x.shape
 
 
@@ -248,7 +242,7 @@ def test_early_stop_rules():
     model = small_cnn(3, width=4).eval()
     x, y = torch.rand(6, 3, 8, 8), (torch.rand(6, 3) < 0.5).float()
     torch.manual_seed(0)
-    a = PGD(EPS, steps=3, early_stop=True)(model, x, y, loss_fn=bce_per_sample)
+    a = PGD(EPS, steps=3, early_stop=True)(model, x, y, "multilabel")
     torch.manual_seed(0)
-    b = PGD(EPS, steps=3)(model, x, y, loss_fn=bce_per_sample)
+    b = PGD(EPS, steps=3)(model, x, y, "multilabel")
     assert torch.equal(a, b)  # multi-label: early stop does not apply

@@ -6,8 +6,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from lightning_modules.attacks import Attack
+from lightning_modules.attacks import Attack, parse_eps
 from lightning_modules.defenses import Defense
+from lightning_modules.utils import ConfigError, instantiate_node
 from tests.conftest import CONF, compose_cfg
 from train import build
 
@@ -87,3 +88,62 @@ def test_eval_config_composes(tmp_path):
     for name in cfg.attacks:
         assert isinstance(instantiate(cfg.attacks[name]), Attack)
     assert len(cfg.eps_grid) >= 3 and cfg.eps_grid[0] == 0
+
+
+DEFENSES = options("defense")
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("eps", ["2/255", "0.5"])
+def test_threat_reaches_every_attack(norm, eps, tmp_path):
+    """``threat.norm`` and ``threat.eps`` set every attack of every defense, the validation
+    attack and every evaluation attack; the only exception is refused with a clear error."""
+    value = parse_eps(eps)
+    for defense in DEFENSES:
+        cfg = compose_cfg("train", [f"defense={defense}", f"threat.norm={norm}",
+                                    f"threat.eps={eps}"], tmp_path)
+        val = instantiate_node(cfg, "attack")
+        assert (val.norm, val.eps) == (norm, pytest.approx(value))
+        if defense == "n_fgsm" and norm == "l2":  # N-FGSM is defined for L-inf only
+            with pytest.raises(ConfigError, match="norm"):
+                instantiate_node(cfg, "defense")
+            continue
+        attacks = list(instantiate_node(cfg, "defense").attacks.values())
+        assert attacks or defense == "none", defense
+        for atk in attacks:
+            assert atk.norm == norm, (defense, atk)
+        radii = [a.eps for a in attacks]
+        if defense == "mpadvt":  # levels at 1/8, 1/4, 1/2 and 1 x threat.eps
+            assert radii == pytest.approx([value / 8, value / 4, value / 2, value])
+        else:
+            assert radii == pytest.approx([value] * len(attacks)), defense
+    cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", f"threat.norm={norm}", f"threat.eps={eps}"],
+                      tmp_path)
+    assert set(cfg.attacks) == {"fgsm", "pgd"}
+    for name in cfg.attacks:
+        atk = instantiate_node(cfg.attacks, name)
+        assert (atk.norm, atk.eps) == (norm, pytest.approx(value)), name
+
+
+def test_per_attack_override_wins(tmp_path):
+    cfg = compose_cfg("train", ["defense=fgsm_pgd_at", "threat.eps=8/255",
+                                "defense.attacks.pgd.eps=2/255", "defense.attacks.pgd.norm=l2",
+                                "attack.eps=4/255"], tmp_path)
+    attacks = instantiate_node(cfg, "defense").attacks
+    assert (attacks["pgd"].norm, attacks["pgd"].eps) == ("l2", pytest.approx(2 / 255))
+    assert (attacks["fgsm"].norm, attacks["fgsm"].eps) == ("linf", pytest.approx(8 / 255))
+    assert instantiate_node(cfg, "attack").eps == pytest.approx(4 / 255)
+    # another preset for one mounted attack, and one more attack in evaluation
+    cfg = compose_cfg("train", ["defense=pgd_at", "attack@defense.attacks.pgd=pgd20"], tmp_path)
+    assert instantiate_node(cfg, "defense").attacks["pgd"].restarts == 2
+    cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", "+attack@attacks.pgd_l2=pgd_l2",
+                               "attacks.pgd.norm=l2"], tmp_path)
+    assert {n: instantiate_node(cfg.attacks, n).norm for n in cfg.attacks} == {
+        "fgsm": "linf", "pgd": "l2", "pgd_l2": "l2"}
+
+
+def test_each_attack_is_written_once():
+    """Defenses and evaluation mount conf/attack nodes; no attack is spelled out elsewhere."""
+    for path in [*(CONF / "defense").glob("*.yaml"), CONF / "eval.yaml", CONF / "train.yaml"]:
+        text = path.read_text()
+        assert "lightning_modules.attacks" not in text, path

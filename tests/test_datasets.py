@@ -353,8 +353,9 @@ def test_class_weighted_loss_matches_formula(train_cfg):
     assert w.shape == (4,) and torch.all(w > 0)
     logits, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
     expected = w[y] * torch.nn.functional.cross_entropy(logits, y, reduction="none")
-    assert torch.allclose(module.train_loss_fn(logits, y), expected)
-    assert module.loss_fn is not module.train_loss_fn  # evaluation stays unweighted
+    assert torch.allclose(module.train_task.loss(logits, y), expected)
+    plain = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert torch.allclose(module.task.loss(logits, y), plain)  # evaluation stays unweighted
     result = train(train_cfg("module.class_weights=balanced", "datamodule.sampler=weighted"))
     assert 0 <= result["test"]["test/adv_bal_acc"] <= 1
     with pytest.raises(Exception, match="class_weights"):

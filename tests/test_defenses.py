@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.attacks import FGSM, NFGSM, PGD, bce_per_sample, cross_entropy_per_sample
+from lightning_modules.attacks import FGSM, NFGSM, PGD
 from lightning_modules.backbones import small_cnn
 from lightning_modules.defenses import (
     TRADES,
@@ -21,6 +21,9 @@ from lightning_modules.defenses.misclassification_aware import (
     misclassification_aware_loss,
 )
 
+# MPAdvT levels are copies of this attack (conf/attack/pgd_train.yaml)
+TRAIN_PGD = PGD(8 / 255, steps=7, model_mode="train")
+
 
 @pytest.fixture
 def batch():
@@ -30,7 +33,7 @@ def batch():
 
 def test_none_is_clean_cross_entropy(batch):
     model, x, y = batch
-    out = NoDefense()(model, x, y, cross_entropy_per_sample)
+    out = NoDefense()(model, x, y, "multiclass")
     assert torch.allclose(out.loss, F.cross_entropy(model(x), y), atol=1e-6)
     assert out.logits_adv is None
 
@@ -39,7 +42,7 @@ def test_pgd_at_trains_on_adversarial_examples(batch):
     model, x, y = batch
     attack = PGD(8 / 255, steps=2, model_mode="train")  # batch statistics: order-independent
     torch.manual_seed(1)
-    out = AdversarialTraining({"pgd": attack})(model, x, y, cross_entropy_per_sample)
+    out = AdversarialTraining({"pgd": attack})(model, x, y, "multiclass")
     torch.manual_seed(1)
     x_adv = attack(model, x, y)
     expected = F.cross_entropy(model(x_adv), y)
@@ -52,7 +55,7 @@ def test_pgd_at_trains_on_adversarial_examples(batch):
 def test_weights_and_clean_mix(batch):
     model, x, y = batch
     d = AdversarialTraining({"fgsm": FGSM(4 / 255, model_mode="train")}, weights={"fgsm": 0.5}, clean_weight=0.5)
-    out = d(model, x, y, cross_entropy_per_sample)
+    out = d(model, x, y, "multiclass")
     x_adv = FGSM(4 / 255, model_mode="train")(model, x, y)
     expected = 0.5 * F.cross_entropy(model(x), y) + 0.5 * F.cross_entropy(model(x_adv), y)
     assert torch.allclose(out.loss, expected, atol=1e-5)
@@ -89,7 +92,7 @@ def test_trades_beta_zero_is_clean_cross_entropy(batch):
     model, x, y = batch
     model.eval()
     out = TRADES(PGD(8 / 255, steps=2, random_start="normal"), beta=0.0)(
-        model, x, y, cross_entropy_per_sample)
+        model, x, y, "multiclass")
     assert torch.allclose(out.loss, F.cross_entropy(model(x), y), atol=1e-6)
 
 
@@ -98,7 +101,7 @@ def test_trades_formula(batch):
     model.eval()  # BatchNorm on running stats: every forward is the same function
     attack = PGD(8 / 255, steps=3, random_start="normal")
     torch.manual_seed(3)
-    out = TRADES(attack, beta=6.0)(model, x, y, cross_entropy_per_sample)
+    out = TRADES(attack, beta=6.0)(model, x, y, "multiclass")
     torch.manual_seed(3)
     with torch.no_grad():
         target = model(x)
@@ -124,11 +127,11 @@ def test_mart_hand_computed_example():
     weight = 1.0000001 - p[0]  # MART's weight is 1 - p_y on the clean input
     expected = bce + 6.0 * kl * weight
     assert torch.allclose(boosted_ce(za, y, "multiclass"), bce.view(1), atol=1e-6)
-    assert torch.allclose(misclassification_aware_loss(zc, za, y, 6.0), expected, atol=1e-6)
+    assert torch.allclose(misclassification_aware_loss(zc, za, y, 6.0, "multiclass"), expected, atol=1e-6)
     assert torch.allclose(true_class_prob(zc, y, "multiclass"), p[0].view(1))
     # a confidently right clean prediction switches the KL term off
     sure = torch.tensor([[30.0, 0.0, 0.0]])
-    assert misclassification_aware_loss(sure, za, y, 6.0) == pytest.approx(
+    assert misclassification_aware_loss(sure, za, y, 6.0, "multiclass") == pytest.approx(
         boosted_ce(za, y, "multiclass").item(), abs=1e-4)
 
 
@@ -142,15 +145,15 @@ def test_maadvt_multilabel_per_finding_weights():
     kl = pc * (pc / pa).log() + (1 - pc) * ((1 - pc) / (1 - pa)).log()
     bce = -q_true.log() - torch.log(1.0001 - (1 - q_true))
     expected = (bce + 2.0 * kl * (1.0000001 - p_true)).sum()
-    assert torch.allclose(misclassification_aware_loss(zc, za, y, 2.0), expected, atol=1e-5)
+    assert torch.allclose(misclassification_aware_loss(zc, za, y, 2.0, "multilabel"), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
 @pytest.mark.parametrize("make", [
     lambda: TRADES(PGD(8 / 255, steps=2, random_start="normal"), beta=1.0),
     lambda: MisclassificationAwareAT(PGD(8 / 255, steps=2), beta=6.0),
-    lambda: MPAdvT([{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}]),
-    lambda: MPAdvT([{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}],
+    lambda: MPAdvT(TRAIN_PGD, [{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}]),
+    lambda: MPAdvT(TRAIN_PGD, [{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}],
                    mode="all_levels", clean_weight=0.3),
     lambda: AdversarialTraining({"n": NFGSM(8 / 255)}),
 ])
@@ -159,10 +162,10 @@ def test_defense_loss_finite_and_differentiable(make, task):
     model = small_cnn(3, width=4).train()
     x = torch.rand(8, 3, 12, 12)
     if task == "multiclass":
-        y, loss_fn = torch.randint(0, 3, (8,)), cross_entropy_per_sample
+        y = torch.randint(0, 3, (8,))
     else:
-        y, loss_fn = (torch.rand(8, 3) < 0.5).float(), bce_per_sample
-    out = make()(model, x, y, loss_fn)
+        y = (torch.rand(8, 3) < 0.5).float()
+    out = make()(model, x, y, task)
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     grads = [p.grad for p in model.parameters()]
@@ -174,13 +177,13 @@ def test_mpadvt_draws_levels_as_configured():
     levels = [{"eps": "1/255", "steps": 1}, {"eps": "2/255", "steps": 1},
               {"eps": "4/255", "steps": 2}, {"eps": "8/255", "steps": 2}]
     g = torch.Generator().manual_seed(0)
-    uniform = MPAdvT(levels).draw_levels(40000, g)
+    uniform = MPAdvT(TRAIN_PGD, levels).draw_levels(40000, g)
     freq = torch.bincount(uniform, minlength=4).float() / 40000
     assert torch.allclose(freq, torch.full((4,), 0.25), atol=0.01)
-    skewed = MPAdvT(levels, probs=[0, 3, 1, 0]).draw_levels(40000, g)
+    skewed = MPAdvT(TRAIN_PGD, levels, probs=[0, 3, 1, 0]).draw_levels(40000, g)
     freq = torch.bincount(skewed, minlength=4).float() / 40000
     assert freq[0] == 0 and freq[3] == 0 and abs(freq[1] - 0.75) < 0.01
-    only = MPAdvT(levels, probs=[0, 0, 1, 0])
+    only = MPAdvT(TRAIN_PGD, levels, probs=[0, 0, 1, 0])
     assert [a.eps for a in only.attacks.values()] == pytest.approx(
         [1 / 255, 2 / 255, 4 / 255, 8 / 255])
     assert [a.steps for a in only.attacks.values()] == [1, 1, 2, 2]
@@ -190,13 +193,13 @@ def test_mpadvt_per_sample_perturbation_matches_drawn_level(monkeypatch):
     torch.manual_seed(0)
     model = small_cnn(3, width=4).eval()
     x, y = torch.rand(16, 3, 12, 12) * 0.5 + 0.25, torch.randint(0, 3, (16,))
-    d = MPAdvT([{"eps": "1/255", "steps": 2}, {"eps": "8/255", "steps": 2}])
+    d = MPAdvT(TRAIN_PGD, [{"eps": "1/255", "steps": 2}, {"eps": "8/255", "steps": 2}])
     draw = torch.tensor([0, 1] * 8)
     monkeypatch.setattr(d, "draw_levels", lambda n, generator=None: draw)
     orig_forward = model.forward
     calls = []
     model.forward = lambda inp: (calls.append(inp), orig_forward(inp))[1]
-    d(model, x, y, cross_entropy_per_sample)
+    d(model, x, y, "multiclass")
     x_adv = calls[-1]  # the training forward gets the assembled adversarial batch
     linf = (x_adv - x).abs().flatten(1).max(1).values
     assert (linf[draw == 0] <= 1 / 255 + 1e-6).all()
@@ -205,13 +208,13 @@ def test_mpadvt_per_sample_perturbation_matches_drawn_level(monkeypatch):
 
 def test_mpadvt_bad_config():
     with pytest.raises(ValueError, match="levels"):
-        MPAdvT([])
+        MPAdvT(TRAIN_PGD, [])
     with pytest.raises(ValueError, match="levels\\[0\\]"):
-        MPAdvT([{"eps": 0.1}])
+        MPAdvT(TRAIN_PGD, [{"eps": 0.1}])
     with pytest.raises(ValueError, match="mode"):
-        MPAdvT([{"eps": 0.1, "steps": 1}], mode="some")
+        MPAdvT(TRAIN_PGD, [{"eps": 0.1, "steps": 1}], mode="some")
     with pytest.raises(ValueError, match="probs"):
-        MPAdvT([{"eps": 0.1, "steps": 1}], probs=[0.5, 0.5])
+        MPAdvT(TRAIN_PGD, [{"eps": 0.1, "steps": 1}], probs=[0.5, 0.5])
 
 
 def test_n_fgsm_not_projected_but_in_pixel_range():
@@ -228,15 +231,22 @@ def test_n_fgsm_not_projected_but_in_pixel_range():
 def test_fast_at_step_and_eps_warmup_scale():
     rs = PGD(8 / 255, steps=1, step_size_rel=1.25)
     assert rs.step_size == pytest.approx(1.25 * 8 / 255)
-    d = AdversarialTraining({"rs": rs})
-    d.set_eps_scale(0.5)
-    assert rs.eps == pytest.approx(4 / 255) and rs.step_size == pytest.approx(1.25 * 4 / 255)
+    half = rs.with_eps(rs.eps * 0.5)  # what a warm-up factor of 0.5 runs
+    assert half.eps == pytest.approx(4 / 255) and half.step_size == pytest.approx(1.25 * 4 / 255)
     torch.manual_seed(0)
     model = small_cnn(3, width=4).eval()
     x, y = torch.rand(8, 3, 12, 12) * 0.5 + 0.25, torch.randint(0, 3, (8,))
-    assert (rs(model, x, y) - x).abs().max() <= 4 / 255 + 1e-6
-    d.set_eps_scale(1.0)
+    # the warm-up is a value passed to the call: the defense's attack itself never changes
+    d = AdversarialTraining({"rs": rs})
+    calls = []
+    orig_forward = model.forward
+    model.forward = lambda inp: (calls.append(inp), orig_forward(inp))[1]
+    d(model, x, y, "multiclass", eps_scale=0.5)
+    assert (calls[-1] - x).abs().max() <= 4 / 255 + 1e-6  # the training forward's input
+    assert (calls[-1] - x).abs().max() > 3 / 255
     assert rs.eps == pytest.approx(8 / 255)
+    assert (rs(model, x, y, eps_scale=0.25) - x).abs().max() <= 2 / 255 + 1e-6
+    with pytest.raises(ValueError, match="eps_scale"):
+        rs(model, x, y, eps_scale=1.5)
     fixed = PGD(8 / 255, steps=4, step_size="2/255")
-    fixed.set_eps_scale(0.25)
-    assert fixed.step_size == pytest.approx(0.5 / 255)
+    assert fixed.with_eps(2 / 255).step_size == pytest.approx(0.5 / 255)

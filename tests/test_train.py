@@ -18,7 +18,7 @@ from tests.conftest import FAST, ROOT, compose_cfg
 from train import train
 
 
-def _assert_run_outputs(result: dict, task: str = "multiclass") -> None:
+def _assert_run_outputs(result: dict, task: str = "multiclass", eps: float = 8 / 255) -> None:
     out = Path(result["output_dir"])
     assert (out / "metrics.json").is_file() and (out / "config_resolved.yaml").is_file()
     assert Path(result["best_checkpoint"]).is_file()
@@ -27,8 +27,14 @@ def _assert_run_outputs(result: dict, task: str = "multiclass") -> None:
     keys += ["test/bal_acc", "test/f1_macro"] if task == "multiclass" else ["test/auroc"]
     for key in keys:
         assert 0.0 <= result["test"][key] <= 1.0, key
+    score = "bal_acc" if task == "multiclass" else "auroc"
+    assert result["test"]["test/adv_score"] == result["test"][f"test/adv_{score}"]
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test"] == pytest.approx(result["test"])
+    # the threat model the run reports is the one configured
+    assert saved["threat"]["eps"] == pytest.approx(eps)
+    assert saved["val_attack"]["eps"] == pytest.approx(eps)
+    assert saved["val_attack"]["norm"] == saved["threat"]["norm"]
 
 
 DEFENSES = sorted(p.stem for p in (ROOT / "conf" / "defense").glob("*.yaml"))
@@ -84,23 +90,63 @@ def test_resume_from_last_checkpoint(train_cfg):
     assert ck2["global_step"] == 4
 
 
-def test_evaluate_checkpoint(train_cfg, tmp_path):
-    result = train(train_cfg("defense=pgd_at"))
-    cfg = compose_cfg("eval", [f"ckpt_path={result['best_checkpoint']}", "eps_grid=[0,2/255,8/255]",
-                               "attacks.pgd.steps=5", "limit_batches=1"], tmp_path / "ev")
+@pytest.fixture(scope="module")
+def undefended_run(tmp_path_factory):
+    """``defense=none`` trained long enough on the embedded data to be well above chance."""
+    out = tmp_path_factory.mktemp("undefended")
+    cfg = compose_cfg("train", [*FAST, "backbone.width=8", "defense=none",
+                                "trainer.max_epochs=4", "trainer.limit_train_batches=null",
+                                "trainer.limit_test_batches=null", "datamodule.n_train=512",
+                                "datamodule.n_test=96", "datamodule.signal_amplitude=0.15",
+                                "datamodule.batch_size=32"], out / "run")
+    return train(cfg)
+
+
+def test_undefended_model_is_less_accurate_under_attack(undefended_run):
+    test = undefended_run["test"]
+    assert test["test/acc"] > 0.6, "the undefended model did not learn; the check means nothing"
+    assert test["test/adv_acc"] < test["test/acc"] - 0.1  # the validation attack really bites
+    assert test["test/adv_bal_acc"] < test["test/bal_acc"]
+
+
+def test_evaluate_checkpoint(undefended_run, tmp_path):
+    ckpt = undefended_run["best_checkpoint"]
+    cfg = compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[0,2/255,8/255]",
+                               "attacks.pgd.steps=5"], tmp_path / "ev")
     report = evaluate(cfg)
     out = Path(report["output_dir"])
-    assert out == Path(result["best_checkpoint"]).parent.parent / "eval"
+    assert out == Path(ckpt).parent.parent / "eval"
     for name in ("report.json", "report.csv", "accuracy_vs_eps.png", "summary.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert report["n_images"] == 96
     rows = list(csv.DictReader((out / "report.csv").open()))
-    assert len(rows) == 1 + 2 * 3  # clean + (fgsm, pgd) x 3 eps
-    by = {(r["attack"], r["eps_str"]): r for r in rows}
-    clean_acc = float(by[("clean", "0")]["acc"])
+    # exactly the attacks and radii asked for, plus the worst case at each radius > 0
+    assert sorted((r["attack"], r["eps_str"]) for r in rows) == sorted(
+        [("clean", "0")] + [(a, e) for a in ("fgsm", "pgd") for e in ("0", "2/255", "8/255")]
+        + [("worst", "2/255"), ("worst", "8/255")])
+    by = {(r["attack"], r["eps_str"]): {k: float(v) for k, v in r.items()
+                                        if k in ("acc", "bal_acc", "eps", "steps") and v}
+          for r in rows}
+    assert by[("pgd", "8/255")]["steps"] == 5 and by[("pgd", "8/255")]["eps"] == 8 / 255
+    clean_acc = by[("clean", "0")]["acc"]
     for atk in ("fgsm", "pgd"):
-        assert float(by[(atk, "0")]["acc"]) == pytest.approx(clean_acc)  # eps=0 is clean
-        assert float(by[(atk, "8/255")]["acc"]) <= clean_acc + 1e-6
-    assert float(by[("pgd", "8/255")]["acc"]) <= float(by[("pgd", "2/255")]["acc"]) + 0.05
+        assert by[(atk, "0")]["acc"] == pytest.approx(clean_acc)  # eps=0 is clean
+    assert by[("fgsm", "8/255")]["acc"] < clean_acc
+    assert by[("pgd", "8/255")]["acc"] < clean_acc - 0.1
+    assert by[("pgd", "8/255")]["acc"] <= by[("pgd", "2/255")]["acc"] + 0.02
+    for eps in ("2/255", "8/255"):  # a sample is robust only if every attack fails on it
+        worst = by[("worst", eps)]["acc"]
+        assert worst <= min(by[("fgsm", eps)]["acc"], by[("pgd", eps)]["acc"]) + 1e-6
+    # the same engine as the training run's test: PGD-10 at 8/255 reproduces its numbers
+    cfg10 = compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[8/255]",
+                                 "~attacks.fgsm", "attacks.pgd.steps=10",
+                                 "attacks.pgd.early_stop=false", f"output_dir={tmp_path / 'e10'}"],
+                        tmp_path / "ev10")
+    rep10 = evaluate(cfg10)
+    assert rep10["clean"]["acc"] == pytest.approx(undefended_run["test"]["test/acc"])
+    assert [r["attack"] for r in rep10["results"]] == ["pgd"]  # one attack: no worst case
+    assert rep10["results"][0]["acc"] == pytest.approx(undefended_run["test"]["test/adv_acc"],
+                                                       abs=0.03)
 
 
 @pytest.mark.parametrize("override, match", [
@@ -142,7 +188,7 @@ def test_cli_train_then_evaluate(tmp_path):
     out = proc.stdout
     assert "clean" in out and "PGD-10 @ 8/255" in out and "best checkpoint:" in out
     ckpt = next(tmp_path.glob("train/runs/*/checkpoints/last.ckpt"))
-    proc = _run([str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}", "limit_batches=1",
+    proc = _run([str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}", "trainer.limit_test_batches=1",
                  "attacks.pgd.steps=3", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (ckpt.parent.parent / "eval" / "report.json").is_file()
@@ -177,6 +223,31 @@ def test_cli_multirun(tmp_path):
     assert defenses == {"none", "pgd_at"}
 
 
-def test_channels_last_option(train_cfg):
-    result = train(train_cfg("module.channels_last=true", "defense=pgd_at"))
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_option(train_cfg, monkeypatch, channels_last):
+    """Every image batch reaching the backbone (training, attacks, validation, test) and every
+    conv weight are in the configured memory format."""
+    from lightning_modules.classifier import RobustClassifier
+
+    seen: list[tuple[bool, bool]] = []
+    setup = RobustClassifier.setup
+
+    def recording_setup(self, stage):
+        def hook(module, args):
+            x = args[0]
+            conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+            seen.append((x.is_contiguous(memory_format=torch.channels_last)
+                         and not x.is_contiguous(),
+                         conv.weight.is_contiguous(memory_format=torch.channels_last)
+                         and not conv.weight.is_contiguous()))
+        if not seen:
+            self.net.register_forward_pre_hook(hook)
+        return setup(self, stage)
+
+    monkeypatch.setattr(RobustClassifier, "setup", recording_setup)
+    result = train(train_cfg(f"module.channels_last={str(channels_last).lower()}",
+                             "defense=pgd_at"))
     _assert_run_outputs(result)
+    assert len(seen) > 20  # training steps with PGD, validation and test with their attack
+    assert all(x == channels_last and w == channels_last for x, w in seen), \
+        [i for i, s in enumerate(seen) if s != (channels_last, channels_last)]

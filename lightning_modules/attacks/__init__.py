@@ -1,20 +1,15 @@
-"""Adversarial attacks in plain PyTorch (no Lightning): threat models, losses, FGSM, PGD."""
+"""Adversarial attacks in plain PyTorch (no Lightning): one file per family.
 
-from .losses import (
-    TASKS,
-    LossFn,
-    bce_per_sample,
-    cross_entropy_per_sample,
-    loss_for_task,
-    predictions_wrong,
-    task_of,
-)
+``threat`` (L-inf / L2 balls), ``mode`` (the model during an attack), ``base`` (the call
+contract, input gradients), ``pgd`` (PGD), ``fgsm`` (FGSM, N-FGSM). Each is configured once in
+``conf/attack/``.
+"""
+
+from .base import Attack, input_grad
+from .fgsm import FGSM, NFGSM
 from .mode import MODES, attack_mode
-from .pgd import FGSM, NFGSM, PGD, Attack
+from .pgd import PGD
 from .threat import L2Ball, LinfBall, ThreatModel, make_threat, parse_eps
 
-__all__ = [
-    "TASKS", "LossFn", "bce_per_sample", "cross_entropy_per_sample", "loss_for_task",
-    "predictions_wrong", "task_of", "MODES", "attack_mode", "FGSM", "NFGSM", "PGD", "Attack", "L2Ball", "LinfBall",
-    "ThreatModel", "make_threat", "parse_eps",
-]
+__all__ = ["Attack", "input_grad", "FGSM", "NFGSM", "PGD", "MODES", "attack_mode", "L2Ball",
+           "LinfBall", "ThreatModel", "make_threat", "parse_eps"]

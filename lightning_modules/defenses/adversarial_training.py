@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..attacks import Attack
-from ..attacks.losses import LossFn
+from ..tasks import Task, as_task
 from .base import Defense, DefenseOutput, weighted_loss
 
 __all__ = ["AdversarialTraining"]
@@ -71,13 +71,15 @@ class AdversarialTraining(Defense):
         self.name = name
 
     def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,
+        eps_scale: float = 1.0,
     ) -> DefenseOutput:
         # Craft every adversarial batch first, from the same weights, then run the
         # training forward passes: the optimiser sees only these graphs.
-        adversarial = [(atk(model, x, y, loss_fn), self.weights[k])
+        task = as_task(task)
+        adversarial = [(atk(model, x, y, task, eps_scale=eps_scale), self.weights[k])
                        for k, atk in self.attacks.items()]
-        return weighted_loss(model, x, y, loss_fn, self.clean_weight, adversarial)
+        return weighted_loss(model, x, y, task, self.clean_weight, adversarial)
 
     def describe(self) -> dict:
         return {

@@ -1,10 +1,12 @@
-"""The defense interface: ``defense(model, x, y, loss_fn) -> DefenseOutput``.
+"""The defense interface: ``defense(model, x, y, task, eps_scale=1.0) -> DefenseOutput``.
 
 A defense is a training strategy: given the current model and a clean batch (images in [0, 1])
 it crafts whatever adversarial examples it needs and returns the scalar loss to minimise, plus
 the logits it computed on the way so the caller can log clean and adversarial accuracy without
-extra forward passes. ``loss_fn`` is per sample (cross-entropy or BCE-with-logits, see
-``lightning_modules.attacks.losses``); defenses average it over the batch.
+extra forward passes. ``task`` (:class:`~lightning_modules.tasks.Task`) gives the per-sample
+training loss (cross-entropy or BCE-with-logits, class-weighted or not); defenses average it
+over the batch. ``eps_scale`` in [0, 1] is the epsilon warm-up factor of this batch, computed
+by the caller and passed on to every attack call (attacks are immutable).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..attacks.losses import LossFn
+from ..tasks import Task, as_task
 
 __all__ = ["Defense", "DefenseOutput", "NoDefense", "weighted_loss"]
 
@@ -30,18 +32,14 @@ class DefenseOutput:
 
 class Defense:
     """Base class. Subclasses implement :meth:`__call__` and keep their attacks in
-    ``self.attacks`` (name -> attack), so an epsilon warm-up reaches all of them."""
+    ``self.attacks`` (name -> attack; empty for standard training)."""
 
     name = "defense"
     attacks: dict = {}
 
-    def set_eps_scale(self, scale: float) -> None:
-        """Scale every attack's eps (and step) by ``scale`` in [0, 1]: epsilon warm-up."""
-        for atk in self.attacks.values():
-            atk.set_eps_scale(scale)
-
     def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,
+        eps_scale: float = 1.0,
     ) -> DefenseOutput:
         raise NotImplementedError  # pragma: no cover - abstract
 
@@ -56,17 +54,18 @@ class NoDefense(Defense):
         self.name = name
 
     def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,
+        eps_scale: float = 1.0,
     ) -> DefenseOutput:
         logits = model(x)
-        return DefenseOutput(loss=loss_fn(logits, y).mean(), logits_clean=logits)
+        return DefenseOutput(loss=as_task(task).loss(logits, y).mean(), logits_clean=logits)
 
 
 def weighted_loss(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    loss_fn: LossFn,
+    task: Task,
     clean_weight: float,
     adversarial: list[tuple[torch.Tensor, float]],
 ) -> DefenseOutput:
@@ -77,9 +76,9 @@ def weighted_loss(
     logits_clean = None
     if clean_weight > 0:
         logits_clean = model(x)
-        loss = loss + clean_weight * loss_fn(logits_clean, y).mean()
+        loss = loss + clean_weight * task.loss(logits_clean, y).mean()
     logits_adv = None
     for x_adv, weight in adversarial:
         logits_adv = model(x_adv)
-        loss = loss + weight * loss_fn(logits_adv, y).mean()
+        loss = loss + weight * task.loss(logits_adv, y).mean()
     return DefenseOutput(loss=loss, logits_clean=logits_clean, logits_adv=logits_adv)

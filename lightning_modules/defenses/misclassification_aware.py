@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import Attack, task_of
-from ..attacks.losses import LossFn
+from ..attacks import Attack
+from ..tasks import Task, as_task
 from .base import Defense, DefenseOutput
 from .divergences import kl_per_sample, true_class_prob
 
@@ -46,9 +46,8 @@ def boosted_ce(logits_adv: torch.Tensor, y: torch.Tensor, task: str) -> torch.Te
 
 
 def misclassification_aware_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor,
-                                 y: torch.Tensor, beta: float) -> torch.Tensor:
-    """The batch loss in the module docstring (a scalar)."""
-    task = task_of(y)
+                                 y: torch.Tensor, beta: float, task: str) -> torch.Tensor:
+    """The batch loss in the module docstring (a scalar); ``task`` is the task's name."""
     p_true = true_class_prob(logits_clean, y, task)
     if task == "multiclass":
         robust = kl_per_sample(logits_clean, logits_adv, task) * (1.0000001 - p_true)
@@ -69,12 +68,14 @@ class MisclassificationAwareAT(Defense):
         self.name = name
 
     def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,
+        eps_scale: float = 1.0,
     ) -> DefenseOutput:
-        x_adv = self.attacks["adv"](model, x, y, loss_fn)
+        task = as_task(task)
+        x_adv = self.attacks["adv"](model, x, y, task, eps_scale=eps_scale)
         logits_clean = model(x)
         logits_adv = model(x_adv)
-        loss = misclassification_aware_loss(logits_clean, logits_adv, y, self.beta)
+        loss = misclassification_aware_loss(logits_clean, logits_adv, y, self.beta, task.name)
         return DefenseOutput(loss=loss, logits_clean=logits_clean, logits_adv=logits_adv)
 
     def describe(self) -> dict:

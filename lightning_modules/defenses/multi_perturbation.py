@@ -1,7 +1,8 @@
 """MPAdvT: Multi-Perturbations Adversarial Training (Xu et al., Medical Image Analysis 2021).
 
 Training examples are attacked at several perturbation strengths, a list of levels
-``(eps_l, steps_l)`` (PGD with step ``step_size_rel * eps_l``, or 2.5 eps_l / steps_l).
+``(eps_l, steps_l)``: copies of one PGD attack (``attack``, e.g. ``conf/attack/pgd_train.yaml``)
+at radius ``eps_l`` with ``steps_l`` steps (its step rule, start, norm and model mode kept).
 
 - ``per_sample``: each example draws one level at random (probabilities ``probs``, uniform by
   default); costs about one attack per batch::
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..attacks import PGD
-from ..attacks.losses import LossFn
+from ..tasks import Task, as_task
 from .base import Defense, DefenseOutput, weighted_loss
 
 __all__ = ["MPAdvT"]
@@ -35,25 +36,24 @@ MODES = ("per_sample", "all_levels")
 
 class MPAdvT(Defense):
     """Args:
+        attack: the PGD attack every level is a copy of (radius and steps replaced).
         levels: list of ``{eps, steps}`` (eps in [0, 1] pixel units, "2/255" allowed).
         mode: ``per_sample`` or ``all_levels``.
         probs: per-level drawing probabilities for ``per_sample`` (uniform if ``None``).
         clean_weight: ``w_c`` in [0, 1].
-        norm, step_size_rel, random_start, model_mode: passed to every level's PGD.
     """
 
     def __init__(
         self,
+        attack: PGD,
         levels: Sequence[Mapping],
         mode: str = "per_sample",
         probs: Sequence[float] | None = None,
         clean_weight: float = 0.0,
-        norm: str = "linf",
-        step_size_rel: float | None = None,
-        random_start: bool | str = True,
-        model_mode: str = "train",
         name: str = "mpadvt",
     ) -> None:
+        if not isinstance(attack, PGD):
+            raise TypeError(f"defense.attack is {type(attack).__name__}, not a PGD attack")
         if not levels:
             raise ValueError("defense.levels is empty: give at least one {eps, steps}")
         if mode not in MODES:
@@ -65,10 +65,7 @@ class MPAdvT(Defense):
             unknown = set(lvl) - {"eps", "steps"}
             if unknown or "eps" not in lvl or "steps" not in lvl:
                 raise ValueError(f"defense.levels[{i}]={dict(lvl)} must have exactly eps and steps")
-            self.attacks[f"level{i}"] = PGD(
-                eps=lvl["eps"], steps=lvl["steps"], norm=norm, step_size_rel=step_size_rel,
-                random_start=random_start, model_mode=model_mode,
-            )
+            self.attacks[f"level{i}"] = attack.replace(steps=lvl["steps"]).with_eps(lvl["eps"])
         n = len(self.attacks)
         probs = [1.0 / n] * n if probs is None else [float(p) for p in probs]
         if len(probs) != n or any(p < 0 for p in probs) or sum(probs) <= 0:
@@ -84,8 +81,10 @@ class MPAdvT(Defense):
         return torch.multinomial(self.probs, n, replacement=True, generator=generator)
 
     def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,
+        eps_scale: float = 1.0,
     ) -> DefenseOutput:
+        task = as_task(task)
         attacks = list(self.attacks.values())
         if self.mode == "per_sample":
             draw = self.draw_levels(x.shape[0])
@@ -95,12 +94,12 @@ class MPAdvT(Defense):
                 if idx.numel() == 0:
                     continue
                 idx = idx.to(x.device, non_blocking=True)
-                x_adv[idx] = atk(model, x[idx], y[idx], loss_fn)
+                x_adv[idx] = atk(model, x[idx], y[idx], task, eps_scale=eps_scale)
             adv_inputs = [x_adv]
         else:
-            adv_inputs = [atk(model, x, y, loss_fn) for atk in attacks]
+            adv_inputs = [atk(model, x, y, task, eps_scale=eps_scale) for atk in attacks]
         w_adv = (1.0 - self.clean_weight) / len(adv_inputs)
-        return weighted_loss(model, x, y, loss_fn, self.clean_weight,
+        return weighted_loss(model, x, y, task, self.clean_weight,
                              [(xa, w_adv) for xa in adv_inputs])
 
     def describe(self) -> dict:

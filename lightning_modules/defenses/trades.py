@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attacks import Attack, attack_mode, task_of
-from ..attacks.losses import LossFn
+from ..attacks import Attack, attack_mode
+from ..tasks import Task, as_task
 from .base import Defense, DefenseOutput
 from .divergences import kl_per_sample
 
@@ -36,23 +36,25 @@ class TRADES(Defense):
         self.name = name
 
     def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,
+        eps_scale: float = 1.0,
     ) -> DefenseOutput:
-        task = task_of(y)
+        task = as_task(task)
         attack = self.attacks["kl"]
         with torch.no_grad(), attack_mode(model, attack.model_mode):
             target = model(x).detach()
 
         def kl_to_clean(logits_adv: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
-            return kl_per_sample(target, logits_adv, task)
+            return kl_per_sample(target, logits_adv, task.name)
 
-        x_adv = attack(model, x, y, loss_fn=kl_to_clean) if self.beta > 0 else x
+        x_adv = attack(model, x, y, task, loss_fn=kl_to_clean, eps_scale=eps_scale) \
+            if self.beta > 0 else x
         logits_clean = model(x)
-        loss = loss_fn(logits_clean, y).mean()
+        loss = task.loss(logits_clean, y).mean()
         logits_adv = None
         if self.beta > 0:
             logits_adv = model(x_adv)
-            loss = loss + self.beta * kl_per_sample(logits_clean, logits_adv, task).mean()
+            loss = loss + self.beta * kl_per_sample(logits_clean, logits_adv, task.name).mean()
         return DefenseOutput(loss=loss, logits_clean=logits_clean, logits_adv=logits_adv)
 
     def describe(self) -> dict:

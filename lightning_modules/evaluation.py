@@ -1,0 +1,92 @@
+"""The LightningModule behind ``evaluate.py``: a trained network attacked over an eps grid.
+
+It orchestrates; the work is done by :class:`~lightning_modules.robust_eval.RobustEvaluator`,
+the engine the training module validates and tests with. Running it through a Lightning
+``Trainer`` (built from the same ``trainer`` config group as training) gives device choice,
+mixed precision, DDP with metrics reduced across ranks, limits and a progress bar. It needs
+``Trainer(inference_mode=False)``: attacks need gradients.
+
+Cells are named ``<attack>@<eps>`` (eps written as ``8/255``); with two or more attacks, each
+radius above 0 also gets ``worst@<eps>``: the per-sample worst case over those attacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from .attacks import Attack
+from .robust_eval import RobustEvaluator
+from .utils import format_eps, to_memory_format
+
+__all__ = ["EvaluationModule", "grid_cells"]
+
+WORST = "worst"
+
+
+def grid_cells(attacks: Mapping[str, Attack], eps_grid: Sequence[float]
+               ) -> tuple[dict[str, Attack], dict[str, list[str]]]:
+    """``({"<name>@<eps>": attack at eps}, {"worst@<eps>": [cell names]})`` for the grid."""
+    if WORST in attacks:
+        raise ValueError(f"'{WORST}' is reserved for the worst case; rename that attack")
+    cells, worst = {}, {}
+    for eps in eps_grid:
+        names = []
+        for name, attack in attacks.items():
+            key = f"{name}@{format_eps(eps)}"
+            cells[key] = attack.with_eps(eps)
+            names.append(key)
+        if eps > 0 and len(names) > 1:
+            worst[f"{WORST}@{format_eps(eps)}"] = names
+    return cells, worst
+
+
+class EvaluationModule(L.LightningModule):
+    """Args:
+        net: the trained backbone (images in [0, 1] -> logits).
+        task, num_classes: as in training.
+        attacks: name -> attack; each is run at every radius of ``eps_grid``.
+        eps_grid: radii in [0, 1] pixel units.
+        channels_last: run in channels-last memory format (as the training run did).
+
+    After ``trainer.test(...)`` or ``trainer.validate(...)``, :attr:`results` holds
+    ``{kind: {metric: value}}`` (``clean``, each cell, each worst case) and :attr:`n_images`
+    the number of images evaluated, both reduced across ranks.
+    """
+
+    def __init__(self, net: nn.Module, task: str, num_classes: int,
+                 attacks: Mapping[str, Attack], eps_grid: Sequence[float],
+                 channels_last: bool = False, class_names: list[str] | None = None) -> None:
+        super().__init__()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = net.to(memory_format=self.memory_format)
+        self.cells, worst = grid_cells(attacks, eps_grid)
+        self.evaluator = RobustEvaluator(task, num_classes, self.cells, worst_case=worst,
+                                         per_class=True)
+        self.class_names = class_names
+        self.results: dict[str, dict[str, float]] = {}
+        self.n_images = 0
+
+    def on_test_start(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("evaluation needs gradients: build the Trainer with "
+                               "inference_mode=False (conf/trainer/default.yaml sets it)")
+        self.evaluator.reset()
+
+    on_validation_start = on_test_start
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.evaluator.update(self.net, to_memory_format(x, self.memory_format), y)
+
+    validation_step = test_step
+
+    def on_test_epoch_end(self) -> None:
+        self.results = self.evaluator.compute(self.class_names)
+        self.n_images = self.evaluator.count()
+        self.evaluator.reset()
+
+    on_validation_epoch_end = on_test_epoch_end

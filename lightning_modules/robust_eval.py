@@ -1,0 +1,117 @@
+"""The robust-evaluation engine: clean and adversarial predictions of a batch, into metrics.
+
+Plain PyTorch and torchmetrics (no Lightning). For a model, a batch and a suite of named attacks
+it computes the clean logits and each attack's adversarial logits, optionally each sample's
+**worst case** over groups of attacks, and feeds one ``MetricCollection`` per kind (``clean``,
+each attack, each worst-case group). Both the training module's validation/test
+(:class:`~lightning_modules.classifier.RobustClassifier`) and ``evaluate.py``
+(:class:`~lightning_modules.evaluation.EvaluationModule`) use it; torchmetrics reduces the
+states across DDP ranks when :meth:`RobustEvaluator.compute` is called.
+
+Worst case (as in torchattacks' ``MultiAttack`` and AutoAttack's robust accuracy): per sample,
+among the clean prediction and the group's attacks, the logits that are misclassified (the
+task's ``wrong``) with the highest loss; where none is misclassified, the highest-loss logits.
+A sample counts as robust only if it is right clean and under every attack of the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchmetrics import SumMetric
+
+from .attacks import Attack
+from .metrics import build_metrics, scalar_metrics
+from .tasks import Task, check_task
+
+__all__ = ["RobustEvaluator", "EvalBatch", "worst_case_logits"]
+
+CLEAN = "clean"
+
+
+@dataclass
+class EvalBatch:
+    """The logits one batch produced: clean, per attack, per worst-case group."""
+
+    clean: torch.Tensor
+    adv: dict[str, torch.Tensor] = field(default_factory=dict)
+    worst: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def worst_case_logits(candidates: Sequence[torch.Tensor], y: torch.Tensor,
+                      task: Task) -> torch.Tensor:
+    """Per sample, the candidate logits that are wrong with the highest loss (else the
+    highest loss): ``(batch, classes)`` from a sequence of ``(batch, classes)``."""
+    stacked = torch.stack([c.float() for c in candidates])  # (A, B, C)
+    score = torch.stack([task.loss(c, y) + 1e6 * task.wrong(c, y).float() for c in stacked])
+    pick = score.argmax(dim=0)  # (B,)
+    return stacked[pick, torch.arange(stacked.shape[1], device=stacked.device)]
+
+
+class RobustEvaluator(nn.Module):
+    """Clean, adversarial and worst-case metrics of a model over batches.
+
+    Args:
+        task: ``multiclass`` or ``multilabel``.
+        num_classes: classes or findings.
+        attacks: name -> attack, run in order on every batch.
+        worst_case: name -> attack names whose per-sample worst case (with the clean
+            prediction) is scored as its own kind; ``None``/empty = none.
+        per_class: add recall per class (multiclass) or AUROC per finding (multilabel).
+    """
+
+    def __init__(self, task: str, num_classes: int, attacks: Mapping[str, Attack],
+                 worst_case: Mapping[str, Sequence[str]] | None = None,
+                 per_class: bool = False) -> None:
+        super().__init__()
+        self.task = Task(check_task(task))  # unweighted: evaluation losses are unweighted
+        self.attacks = dict(attacks)
+        self.worst_case = {k: list(v) for k, v in (worst_case or {}).items()}
+        for group, names in self.worst_case.items():
+            unknown = sorted(set(names) - set(self.attacks))
+            if unknown or not names:
+                raise ValueError(f"worst-case group {group!r} names unknown attacks {unknown}")
+        self.kinds = [CLEAN, *self.attacks, *self.worst_case]
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"attack and group names must be unique and not 'clean': {self.kinds}")
+        # a ModuleList (not a ModuleDict): attack names like "pgd@8/255" are not valid keys
+        self.metrics = nn.ModuleList(build_metrics(task, num_classes, per_class=per_class)
+                                     for _ in self.kinds)
+        self.n_images = SumMetric()
+
+    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EvalBatch:
+        """Attack ``(x, y)`` (images in [0, 1]) with every attack and update every metric."""
+        with torch.no_grad():
+            out = EvalBatch(clean=model(x))
+        for name, attack in self.attacks.items():
+            x_adv = attack(model, x, y, self.task)
+            with torch.no_grad():
+                out.adv[name] = model(x_adv)
+        for group, names in self.worst_case.items():
+            out.worst[group] = worst_case_logits([out.clean, *(out.adv[n] for n in names)], y,
+                                                 self.task)
+        target = y.long()
+        logits = {CLEAN: out.clean, **out.adv, **out.worst}
+        for kind, coll in zip(self.kinds, self.metrics, strict=True):
+            coll.update(logits[kind].float(), target)
+        self.n_images.update(torch.tensor(float(x.shape[0]), device=x.device))
+        return out
+
+    def compute(self, class_names: list[str] | None = None) -> dict[str, dict[str, float]]:
+        """``{kind: {metric: value}}`` for ``clean``, each attack and each worst-case group
+        (reduced across ranks); kinds with no update are left out."""
+        return {kind: scalar_metrics(coll.compute(), class_names)
+                for kind, coll in zip(self.kinds, self.metrics, strict=True)
+                if any(m.update_count > 0 for m in coll.values())}
+
+    def count(self) -> int:
+        """Images seen since the last reset (all ranks)."""
+        return int(self.n_images.compute().item()) if self.n_images.update_count else 0
+
+    def reset(self) -> None:
+        for coll in self.metrics:
+            coll.reset()
+        self.n_images.reset()
