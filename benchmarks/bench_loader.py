@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules import from_config
 from datamodules.ham10000 import HAM10000DataModule
 from lightning_modules.attacks import PGD
 from lightning_modules.backbones import small_cnn
@@ -100,12 +101,12 @@ def main() -> None:
     # training first, while no loader worker process exists to compete for the cores
     train = training_rate(args.image_size, args.batch, args.steps, 2 / 255, args.repeats)
     rows = []
-    dm = HAM10000DataModule(**common)
+    dm = from_config("ham10000", **common)
     dm.setup("fit")
     rows.append(("loader: decode JPEG every epoch", loader_rate(dm, args.batches, args.repeats)))
     cache_dir = tempfile.mkdtemp(prefix="medrobust-bench-cache-")
     try:
-        dm = HAM10000DataModule(**common, cache_dir=cache_dir)
+        dm = from_config("ham10000", **common, cache_dir=cache_dir)
         t0 = time.perf_counter()
         dm.prepare_data()
         build_s = time.perf_counter() - t0
@@ -113,7 +114,7 @@ def main() -> None:
         rows.append(("loader: memory-mapped cache", loader_rate(dm, args.batches, args.repeats)))
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    dm = HAM10000DataModule(**common, preload=True)
+    dm = from_config("ham10000", **common, preload=True)
     t0 = time.perf_counter()
     dm.setup("fit")
     preload_s = time.perf_counter() - t0

@@ -13,13 +13,18 @@ as fractions of the image side or of the intensity range):
 - ``none``: nothing.
 
 Augmentation is for training images only; validation and test images are never augmented.
+
+Reproducibility: albumentations draws from its own generator, which the global seeds do not
+reach. :func:`build_augmentation` seeds it from ``torch.initial_seed()`` (the run's ``seed``),
+and :func:`seed_worker` re-seeds each dataloader worker's copy from that worker's torch seed
+(distinct per worker, derived from the run's seed), so the same seed gives the same run.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AUGMENTATIONS", "build_augmentation"]
+__all__ = ["AUGMENTATIONS", "build_augmentation", "seed_worker"]
 
 AUGMENTATIONS = ("none", "flips", "dermoscopy", "xray")
 
@@ -51,8 +56,39 @@ def _preset(name: str, in_chans: int):
                      f"{list(AUGMENTATIONS)} or give a node with a _target_")
 
 
+def _seed(transform, seed: int) -> None:
+    if hasattr(transform, "set_random_seed"):  # albumentations pipelines
+        transform.set_random_seed(int(seed) % 2**32)
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: first Lightning's worker seeding where ``seed_everything(...,
+    workers=True)`` asked for it (distinct per rank and worker), then the worker's copy of the
+    dataset's transform from the worker's torch seed (derived from the run's seed)."""
+    import os
+
+    import torch
+
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        _seed(getattr(info.dataset, "transform", None), torch.initial_seed())
+
+
 def build_augmentation(spec: Any, in_chans: int):
-    """The training transform for ``spec`` (preset name, ``None``/``"none"``, or a Hydra node)."""
+    """The training transform for ``spec`` (preset name, ``None``/``"none"``, or a Hydra node),
+    seeded from ``torch.initial_seed()``."""
+    import torch
+
+    transform = _build(spec, in_chans)
+    _seed(transform, torch.initial_seed())
+    return transform
+
+
+def _build(spec: Any, in_chans: int):
     if spec is None or spec is False or (isinstance(spec, str) and spec.lower() == "none"):
         return None
     if isinstance(spec, str):

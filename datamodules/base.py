@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from .augment import seed_worker
 from .imaging import skip_none_collate
 
 __all__ = ["SplitDataModule", "SAMPLERS", "sample_weights", "balanced_class_weights"]
@@ -107,7 +108,7 @@ class SplitDataModule(L.LightningDataModule):
             ds, batch_size=bs, shuffle=shuffle and sampler is None, sampler=sampler,
             num_workers=hp.num_workers, pin_memory=hp.pin_memory,
             persistent_workers=hp.num_workers > 0, drop_last=shuffle and len(ds) > bs,
-            collate_fn=skip_none_collate,
+            collate_fn=skip_none_collate, worker_init_fn=seed_worker if hp.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -73,14 +73,7 @@ class ChestXray14DataModule(ImageTableDataModule):
     """
 
     dataset_name = "chestxray14"
-    defaults = {"augmentation": "xray", "in_chans": 1, "image_size": 128, "task": "multilabel"}
-
-    def __init__(self, data_dir: str, labels_file: str = "Data_Entry_2017.csv",
-                 train_val_list: str = "train_val_list.txt", test_list: str = "test_list.txt",
-                 **options) -> None:
-        super().__init__()
-        self._init_options({"data_dir": data_dir, "labels_file": labels_file,
-                            "train_val_list": train_val_list, "test_list": test_list}, options)
+    dataset_options = ("data_dir", "labels_file", "train_val_list", "test_list")
 
     def read_table(self) -> ImageTable:
         hp = self.hparams

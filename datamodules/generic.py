@@ -63,9 +63,7 @@ class FolderDataModule(ImageTableDataModule):
 
     dataset_name = "folder"
 
-    def __init__(self, data_dir: str, classes: list[str] | None = None, **options) -> None:
-        super().__init__()
-        self._init_options({"data_dir": data_dir, "classes": classes}, options)
+    dataset_options = ("data_dir", "classes")
 
     def read_table(self) -> ImageTable:
         root = check_data_dir(self.hparams.data_dir)
@@ -103,17 +101,8 @@ class CSVDataModule(ImageTableDataModule):
 
     dataset_name = "csv"
 
-    def __init__(self, data_dir: str, csv_file: str, path_column: str = "path",
-                 label_column: str | None = None, label_columns: list[str] | None = None,
-                 classes: list[str] | None = None, split_column: str | None = None,
-                 group_column: str | None = None, image_dir: str | None = None,
-                 **options) -> None:
-        super().__init__()
-        self._init_options(
-            {"data_dir": data_dir, "csv_file": csv_file, "path_column": path_column,
-             "label_column": label_column, "label_columns": label_columns, "classes": classes,
-             "split_column": split_column, "group_column": group_column,
-             "image_dir": image_dir}, options)
+    dataset_options = ("data_dir", "csv_file", "path_column", "label_column", "label_columns",
+               "classes", "split_column", "group_column", "image_dir")
 
     def read_table(self) -> ImageTable:
         hp = self.hparams

@@ -55,31 +55,7 @@ class HAM10000DataModule(ImageTableDataModule):
 
     dataset_name = "ham10000"
 
-    def __init__(
-        self,
-        data_dir: str,
-        image_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        seed: int = 42,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        augmentation="dermoscopy",
-        sampler: str | None = None,
-        preload: bool = False,
-        cache_dir: str | None = None,
-        strict: bool = False,
-        limit: int | None = None,
-        metadata_file: str = "HAM10000_metadata.csv",
-        num_classes: int | None = 7,
-        in_chans: int | None = 3,
-        task: str | None = "multiclass",
-        pin_memory: bool = False,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters(logger=False)
-        self._prepare()
+    dataset_options = ("data_dir", "metadata_file")
 
     def _limit(self, split_idx: dict) -> dict:
         return split_idx  # ``limit`` counts lesions here and is applied in read_table

@@ -47,11 +47,6 @@ class ISICDataModule(ImageTableDataModule):
     CLASSES: tuple[str, ...] = ()
     GROUND_TRUTH: dict[str, str] = {}   # split -> ground-truth CSV file name
     LESIONS: tuple[str, ...] = ()       # CSV files with image,lesion_id columns
-    defaults = {"augmentation": "dermoscopy", "in_chans": 3}
-
-    def __init__(self, data_dir: str, **options) -> None:
-        super().__init__()
-        self._init_options({"data_dir": data_dir}, options)
 
     def read_table(self) -> ImageTable:
         root = check_data_dir(self.hparams.data_dir)

@@ -101,13 +101,11 @@ class MedMNISTDataModule(SplitDataModule):
         sampler: ``null`` or ``weighted`` (class-balanced draws).
     """
 
-    def __init__(self, flag: str, data_dir: str = "~/.medmnist", size: int = 28,
-                 image_size: int | None = None, num_classes: int | None = None,
-                 in_chans: int | None = None, task: str | None = None,
-                 augmentation="none", sampler: str | None = None, batch_size: int = 128,
-                 eval_batch_size: int | None = None, num_workers: int = 0,
-                 pin_memory: bool = False, seed: int = 42, download: bool = True,
-                 limit: int | None = None) -> None:
+    def __init__(self, *, flag: str, data_dir: str, size: int, image_size: int | None,
+                 num_classes: int | None, in_chans: int | None, task: str | None,
+                 augmentation, sampler: str | None, batch_size: int,
+                 eval_batch_size: int | None, num_workers: int, pin_memory: bool, seed: int,
+                 download: bool, limit: int | None) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         flag = str(flag).lower()

@@ -37,21 +37,20 @@ from .imaging import (
     split_indices,
 )
 
-__all__ = ["ImageTable", "ImageTableDataModule", "COMMON_OPTIONS", "find_file",
+__all__ = ["ImageTable", "ImageTableDataModule", "TABLE_OPTIONS", "find_file",
            "read_csv_checked", "check_data_dir", "one_hot_to_index"]
 
 log = logging.getLogger("medrobust.data")
 
 SPLITS = ("train", "val", "test")
 
-# Options every file-based datamodule takes (and their defaults); datasets override some.
-COMMON_OPTIONS: dict = {
-    "image_size": 64, "in_chans": None, "num_classes": None, "task": None,
-    "val_fraction": 0.1, "test_fraction": 0.15, "seed": 42,
-    "batch_size": 64, "eval_batch_size": None, "num_workers": 2, "pin_memory": False,
-    "augmentation": "none", "sampler": None, "preload": False, "cache_dir": None,
-    "strict": False, "limit": None,
-}
+# Options every file-based datamodule takes. Their defaults live in one place only:
+# conf/datamodule/base/{loader,files}.yaml (build from a config: datamodules.from_config).
+TABLE_OPTIONS = (
+    "image_size", "in_chans", "num_classes", "task", "val_fraction", "test_fraction", "seed",
+    "batch_size", "eval_batch_size", "num_workers", "pin_memory", "augmentation", "sampler",
+    "preload", "cache_dir", "strict", "limit",
+)
 
 
 @dataclass
@@ -79,8 +78,9 @@ class ImageTable:
 
 
 class ImageTableDataModule(SplitDataModule):
-    """Base of the file-based datamodules; subclasses implement :meth:`read_table` and call
-    :meth:`_prepare` at the end of ``__init__`` after ``save_hyperparameters``.
+    """Base of the file-based datamodules; subclasses implement :meth:`read_table` and list
+    their own options in :attr:`dataset_options`. Every option is required (no defaults in code): the
+    values come from ``conf/datamodule/<name>.yaml``, which extends ``base/files.yaml``.
 
     Common options (all in the datamodule YAMLs): ``data_dir``, ``image_size`` (pixels, square),
     ``in_chans`` (1 or 3; ``null`` = from the images), ``num_classes``/``task`` (``null`` =
@@ -90,17 +90,22 @@ class ImageTableDataModule(SplitDataModule):
     """
 
     dataset_name = "images"
-    defaults: dict = {}  # per-dataset overrides of COMMON_OPTIONS
+    dataset_options: tuple[str, ...] = ("data_dir",)  # the dataset's own options
 
-    def _init_options(self, specific: dict, options: dict) -> None:
-        """Save ``specific`` (the dataset's own arguments) and the common ``options`` (checked
-        against :data:`COMMON_OPTIONS`) as hparams, then read and split the data."""
-        unknown = sorted(set(options) - set(COMMON_OPTIONS))
+    def __init__(self, **options) -> None:
+        """Check ``options`` against :data:`TABLE_OPTIONS` and :attr:`dataset_options` (none missing,
+        none unknown), save them as hparams, then read and split the data."""
+        super().__init__()
+        known = set(TABLE_OPTIONS) | set(self.dataset_options)
+        unknown, missing = sorted(set(options) - known), sorted(known - set(options))
         if unknown:
             raise TypeError(f"unknown datamodule option(s) {unknown} for {type(self).__name__}; "
-                            f"known: {sorted(set(COMMON_OPTIONS) | set(specific))}")
-        self.save_hyperparameters({**COMMON_OPTIONS, **self.defaults, **options, **specific},
-                                  logger=False)
+                            f"known: {sorted(known)}")
+        if missing:
+            raise TypeError(f"missing datamodule option(s) {missing} for {type(self).__name__}: "
+                            "their defaults are in conf/datamodule/; build it with "
+                            "datamodules.from_config(name, **overrides)")
+        self.save_hyperparameters(options, logger=False)
         self._prepare()
 
     def read_table(self) -> ImageTable:

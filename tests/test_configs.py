@@ -147,3 +147,37 @@ def test_each_attack_is_written_once():
     for path in [*(CONF / "defense").glob("*.yaml"), CONF / "eval.yaml", CONF / "train.yaml"]:
         text = path.read_text()
         assert "lightning_modules.attacks" not in text, path
+
+
+@pytest.mark.parametrize("option", options("datamodule"))
+def test_datamodule_defaults_live_in_one_place(option):
+    """Each datamodule option is in its YAML (so ``datamodule.<key>=...`` works without ``+``),
+    the code gives it no default of its own, and a dataset file restates no base value."""
+    import inspect
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from datamodules import datamodule_config
+    from datamodules.table import TABLE_OPTIONS, ImageTableDataModule
+
+    cfg = datamodule_config(option)
+    cls = get_class(cfg._target_)
+    keys = set(cfg) - {"_target_"}
+    if issubclass(cls, ImageTableDataModule):
+        accepted = set(TABLE_OPTIONS) | set(cls.dataset_options)
+    else:
+        params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+                  if n != "self"}
+        defaults = sorted(n for n, p in params.items() if p.default is not inspect.Parameter.empty)
+        assert not defaults, f"{cls.__name__} has defaults in code for {defaults}"
+        accepted = set(params)
+    assert keys == accepted, (sorted(keys - accepted), sorted(accepted - keys))
+    own = OmegaConf.to_container(OmegaConf.load(CONF / "datamodule" / f"{option}.yaml"))
+    extends = [d.split("@")[0] for d in own.get("defaults", []) if isinstance(d, str)]
+    chain = ["base/loader", "base/files"] if "base/files" in extends else extends
+    bases = [OmegaConf.load(CONF / "datamodule" / f"{b}.yaml") for b in chain if b != "_self_"]
+    for key, value in own.items():
+        for base in bases:
+            if key in base:
+                assert base[key] != value, f"{option}.yaml restates {key}={value!r} from its base"

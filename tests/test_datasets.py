@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules import from_config
 from datamodules.augment import build_augmentation
 from datamodules.base import balanced_class_weights, sample_weights
-from datamodules.chestxray14 import FINDINGS, ChestXray14DataModule, parse_findings
-from datamodules.generic import CSVDataModule, FolderDataModule
-from datamodules.ham10000 import HAM10000DataModule
-from datamodules.isic import ISIC2018DataModule, ISIC2019DataModule
-from datamodules.medmnist import MedMNISTDataModule
+from datamodules.chestxray14 import FINDINGS, parse_findings
 from tests import layouts
 from tests.conftest import SHARED_HAM
 from train import train
@@ -32,7 +29,7 @@ def _groups_disjoint(groups: np.ndarray, split_idx: dict) -> bool:
 # ----------------------------------------------------------------------------------- ISIC
 def test_isic2018_official_splits_and_lesions(tmp_path):
     root = layouts.write_isic2018(tmp_path / "isic2018", n_test=14)
-    dm = ISIC2018DataModule(data_dir=str(root), **LOADER)
+    dm = from_config("isic2018", data_dir=str(root), **LOADER)
     assert dm.class_names == layouts.ISIC2018_CLASSES and dm.num_classes == 7
     n = {s: len(v) for s, v in dm.split_idx.items()}
     assert n["val"] == 14 and n["test"] == 14 and n["train"] == 42  # official sets as shipped
@@ -43,7 +40,7 @@ def test_isic2018_official_splits_and_lesions(tmp_path):
 
 def test_isic2018_without_test_carves_it_by_lesion(tmp_path):
     root = layouts.write_isic2018(tmp_path / "isic2018", n_train=84, n_test=0)
-    dm = ISIC2018DataModule(data_dir=str(root), test_fraction=0.25, **LOADER)
+    dm = from_config("isic2018", data_dir=str(root), test_fraction=0.25, **LOADER)
     assert len(dm.split_idx["val"]) == 14  # the official validation set
     assert _groups_disjoint(dm.table.groups, {k: dm.split_idx[k] for k in ("train", "test")})
     assert len(set(dm.table.groups[dm.split_idx["train"]])) < len(dm.split_idx["train"])
@@ -51,7 +48,7 @@ def test_isic2018_without_test_carves_it_by_lesion(tmp_path):
 
 def test_isic2019_layout_groups_and_unk(tmp_path):
     root = layouts.write_isic2019(tmp_path / "isic2019")
-    dm = ISIC2019DataModule(data_dir=str(root), test_fraction=0.25, val_fraction=0.25, **LOADER)
+    dm = from_config("isic2019", data_dir=str(root), test_fraction=0.25, val_fraction=0.25, **LOADER)
     assert dm.class_names == layouts.ISIC2019_CLASSES and dm.num_classes == 9
     assert _groups_disjoint(dm.table.groups, dm.split_idx)
     assert dm.class_counts("train")["UNK"] == 0
@@ -73,9 +70,9 @@ def test_isic_bad_ground_truth(tmp_path):
     text[1] = text[1].rsplit(",", 1)[0] + ",1.0"  # a second 1 in the row
     gt.write_text("\n".join(text) + "\n")
     with pytest.raises(ValueError, match="exactly one class"):
-        ISIC2018DataModule(data_dir=str(root), **LOADER)
+        from_config("isic2018", data_dir=str(root), **LOADER)
     with pytest.raises(FileNotFoundError, match="ISIC2018_Task3_Training_GroundTruth.csv"):
-        ISIC2018DataModule(data_dir=str(root / "ISIC2018_Task3_Training_Input"), **LOADER)
+        from_config("isic2018", data_dir=str(root / "ISIC2018_Task3_Training_Input"), **LOADER)
 
 
 # ---------------------------------------------------------------------------- ChestX-ray14
@@ -90,7 +87,7 @@ def test_parse_findings_order_and_no_finding():
 
 def test_chestxray14_official_split_and_patients(tmp_path):
     root = layouts.write_chestxray14(tmp_path / "cxr")
-    dm = ChestXray14DataModule(data_dir=str(root), val_fraction=0.2, **LOADER)
+    dm = from_config("chestxray14", data_dir=str(root), val_fraction=0.2, **LOADER)
     assert dm.task == "multilabel" and dm.num_classes == 14 and dm.in_chans == 1
     test_names = set((root / "test_list.txt").read_text().split())
     got = {dm.table.paths[i].rsplit("/", 1)[1] for i in dm.split_idx["test"]}
@@ -103,14 +100,14 @@ def test_chestxray14_official_split_and_patients(tmp_path):
 
 def test_chestxray14_without_lists_splits_by_patient(tmp_path):
     root = layouts.write_chestxray14(tmp_path / "cxr", with_lists=False)
-    dm = ChestXray14DataModule(data_dir=str(root), val_fraction=0.2, test_fraction=0.2, **LOADER)
+    dm = from_config("chestxray14", data_dir=str(root), val_fraction=0.2, test_fraction=0.2, **LOADER)
     assert _groups_disjoint(dm.table.groups, dm.split_idx)
 
 
 def test_chestxray14_wrong_in_chans(tmp_path):
     root = layouts.write_chestxray14(tmp_path / "cxr")
     with pytest.raises(ValueError, match=r"in_chans=3 does not match.*grayscale"):
-        ChestXray14DataModule(data_dir=str(root), in_chans=3, **LOADER)
+        from_config("chestxray14", data_dir=str(root), in_chans=3, **LOADER)
 
 
 def test_chestxray14_trains_multilabel_end_to_end(train_cfg, tmp_path):
@@ -128,15 +125,15 @@ def test_medmnist_flags_give_task_classes_channels(tmp_path):
     layouts.write_medmnist(tmp_path, "pathmnist")
     layouts.write_medmnist(tmp_path, "chestmnist", size=64, channels=1, labels=14, multilabel=True)
     layouts.write_medmnist(tmp_path, "pneumoniamnist", channels=1, labels=2)
-    path = MedMNISTDataModule("pathmnist", data_dir=str(tmp_path), download=False)
+    path = from_config("medmnist", flag="pathmnist", data_dir=str(tmp_path), download=False)
     assert (path.task, path.num_classes, path.in_chans) == ("multiclass", 9, 3)
-    chest = MedMNISTDataModule("chestmnist", data_dir=str(tmp_path), size=64, image_size=32,
+    chest = from_config("medmnist", flag="chestmnist", data_dir=str(tmp_path), size=64, image_size=32,
                                download=False)
     assert (chest.task, chest.num_classes, chest.in_chans) == ("multilabel", 14, 1)
     chest.setup()
     x, y = chest.datasets["train"][0]
     assert x.shape == (1, 32, 32) and y.shape == (14,)
-    pneu = MedMNISTDataModule("pneumoniamnist", data_dir=str(tmp_path), download=False)
+    pneu = from_config("medmnist", flag="pneumoniamnist", data_dir=str(tmp_path), download=False)
     assert (pneu.task, pneu.num_classes) == ("multiclass", 2)
     pneu.setup()
     assert len(pneu.datasets["val"]) == 12  # official splits kept
@@ -144,12 +141,12 @@ def test_medmnist_flags_give_task_classes_channels(tmp_path):
 
 def test_medmnist_missing_file_and_bad_flag(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"dermamnist_64\.npz.*datamodule.data_dir"):
-        MedMNISTDataModule("dermamnist", data_dir=str(tmp_path), size=64, download=False)
+        from_config("medmnist", flag="dermamnist", data_dir=str(tmp_path), size=64, download=False)
     with pytest.raises(ValueError, match="not a MedMNIST"):
-        MedMNISTDataModule("cifar10", data_dir=str(tmp_path))
+        from_config("medmnist", flag="cifar10", data_dir=str(tmp_path))
     layouts.write_medmnist(tmp_path, "bloodmnist", labels=8)
     with pytest.raises(ValueError, match="num_classes=5 but bloodmnist"):
-        MedMNISTDataModule("bloodmnist", data_dir=str(tmp_path), num_classes=5, download=False)
+        from_config("medmnist", flag="bloodmnist", data_dir=str(tmp_path), num_classes=5, download=False)
 
 
 def test_medmnist_trains_end_to_end(train_cfg, tmp_path):
@@ -164,18 +161,18 @@ def test_medmnist_trains_end_to_end(train_cfg, tmp_path):
 
 # --------------------------------------------------------------------------- folder / CSV
 def test_folder_layouts(tmp_path):
-    flat = FolderDataModule(data_dir=str(layouts.write_folder(tmp_path / "flat")),
+    flat = from_config("folder", data_dir=str(layouts.write_folder(tmp_path / "flat")),
                             val_fraction=0.2, test_fraction=0.2, **LOADER)
     assert flat.class_names == ["benign", "malignant", "normal"] and flat.in_chans == 3
     assert sum(len(v) for v in flat.split_idx.values()) == 42
-    split = FolderDataModule(data_dir=str(layouts.write_folder(tmp_path / "s", splits=True)),
+    split = from_config("folder", data_dir=str(layouts.write_folder(tmp_path / "s", splits=True)),
                              **LOADER)
     assert {k: len(v) for k, v in split.split_idx.items()} == {"train": 42, "val": 9, "test": 9}
     with pytest.raises(ValueError, match=r"\['normal'\] are not among the known classes"):
-        FolderDataModule(data_dir=str(tmp_path / "flat"), classes=["benign", "malignant"],
+        from_config("folder", data_dir=str(tmp_path / "flat"), classes=["benign", "malignant"],
                          **LOADER)
     with pytest.raises(TypeError, match="unknown datamodule option"):
-        FolderDataModule(data_dir=str(tmp_path / "flat"), imagesize=16)
+        from_config("folder", data_dir=str(tmp_path / "flat"), imagesize=16)
 
 
 def test_folder_trains_with_classes_from_data(train_cfg, tmp_path):
@@ -188,17 +185,17 @@ def test_folder_trains_with_classes_from_data(train_cfg, tmp_path):
 
 def test_csv_single_and_multilabel(tmp_path):
     root = layouts.write_csv_dataset(tmp_path / "single")
-    dm = CSVDataModule(data_dir=str(root), csv_file="labels.csv", label_column="diagnosis",
+    dm = from_config("csv", data_dir=str(root), csv_file="labels.csv", label_column="diagnosis",
                        group_column="patient_id", val_fraction=0.2, test_fraction=0.2, **LOADER)
     assert dm.task == "multiclass" and dm.class_names == ["benign", "malignant", "normal"]
     assert _groups_disjoint(dm.table.groups, dm.split_idx)
     root = layouts.write_csv_dataset(tmp_path / "multi", multilabel=True)
-    dm = CSVDataModule(data_dir=str(root), csv_file="labels.csv",
+    dm = from_config("csv", data_dir=str(root), csv_file="labels.csv",
                        label_columns=["finding_a", "finding_b", "finding_c"],
                        val_fraction=0.2, test_fraction=0.2, **LOADER)
     assert dm.task == "multilabel" and dm.targets("train").shape[1] == 3
     with pytest.raises(ValueError, match="exactly one of"):
-        CSVDataModule(data_dir=str(root), csv_file="labels.csv", **LOADER)
+        from_config("csv", data_dir=str(root), csv_file="labels.csv", **LOADER)
 
 
 def test_csv_bad_input(tmp_path):
@@ -206,15 +203,15 @@ def test_csv_bad_input(tmp_path):
     for k in (3, 7, 11):
         (root / "imgs" / f"case_{k:03d}.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=r"3 image\(s\) listed in .*labels.csv are missing"):
-        CSVDataModule(data_dir=str(root), csv_file="labels.csv", label_column="diagnosis")
+        from_config("csv", data_dir=str(root), csv_file="labels.csv", label_column="diagnosis")
     root = layouts.write_csv_dataset(tmp_path / "e")
     with pytest.raises(ValueError, match=r"\['normal'\] are not among the known classes"):
-        CSVDataModule(data_dir=str(root), csv_file="labels.csv", label_column="diagnosis",
+        from_config("csv", data_dir=str(root), csv_file="labels.csv", label_column="diagnosis",
                       classes=["benign", "malignant"])
     with pytest.raises(ValueError, match=r"lacks the columns \['dx'\]"):
-        CSVDataModule(data_dir=str(root), csv_file="labels.csv", label_column="dx")
+        from_config("csv", data_dir=str(root), csv_file="labels.csv", label_column="dx")
     with pytest.raises(ValueError, match="cannot split .* groups"):
-        CSVDataModule(data_dir=str(root), csv_file="labels.csv", label_column="diagnosis",
+        from_config("csv", data_dir=str(root), csv_file="labels.csv", label_column="diagnosis",
                       group_column="patient_id", limit=None, val_fraction=0.01)
 
 
@@ -224,10 +221,10 @@ def test_empty_split_is_an_error(tmp_path):
         f.unlink()
     for f in (root / "test").rglob("*.png"):
         f.unlink()
-    dm = FolderDataModule(data_dir=str(root), val_fraction=0.2, test_fraction=0.2, **LOADER)
+    dm = from_config("folder", data_dir=str(root), val_fraction=0.2, test_fraction=0.2, **LOADER)
     assert len(dm.split_idx["val"]) > 0  # no official val/test images: carved from train
     with pytest.raises(ValueError, match="split of .* is empty"):
-        FolderDataModule(data_dir=str(root), val_fraction=0.2, test_fraction=0.2, limit=0,
+        from_config("folder", data_dir=str(root), val_fraction=0.2, test_fraction=0.2, limit=0,
                          **LOADER)
 
 
@@ -238,7 +235,7 @@ def test_corrupt_image_skipped_with_count_or_fatal_when_strict(tmp_path, caplog,
     victim = root / "train" / "malignant" / "img_004.png"
     layouts.corrupt(victim)
     extra = {"cache_dir": str(tmp_path / "cache")} if mode == "cache" else {}
-    dm = FolderDataModule(data_dir=str(root), **LOADER, **extra)
+    dm = from_config("folder", data_dir=str(root), **LOADER, **extra)
     with caplog.at_level("WARNING", logger="medrobust.data"):
         dm.prepare_data()
         dm.setup("fit")
@@ -250,7 +247,7 @@ def test_corrupt_image_skipped_with_count_or_fatal_when_strict(tmp_path, caplog,
         assert dm.skipped_images() == [str(victim)]
     else:
         assert len(dm.datasets["train"]) == 41 and "skipped 1 unreadable image" in caplog.text
-    strict = FolderDataModule(data_dir=str(root), strict=True,
+    strict = from_config("folder", data_dir=str(root), strict=True,
                               **LOADER, **({"cache_dir": str(tmp_path / "cache2")} if extra else {}))
     with pytest.raises(OSError, match="img_004.png"):
         strict.prepare_data()
@@ -260,8 +257,8 @@ def test_corrupt_image_skipped_with_count_or_fatal_when_strict(tmp_path, caplog,
 
 def test_cache_same_pixels_reused_and_keyed(tmp_path):
     root = layouts.write_folder(tmp_path / "d", splits=True)
-    plain = FolderDataModule(data_dir=str(root), augmentation="none", **LOADER)
-    cached = FolderDataModule(data_dir=str(root), augmentation="none",
+    plain = from_config("folder", data_dir=str(root), augmentation="none", **LOADER)
+    cached = from_config("folder", data_dir=str(root), augmentation="none",
                               cache_dir=str(tmp_path / "cache"), **LOADER)
     plain.setup()
     cached.prepare_data()
@@ -273,11 +270,11 @@ def test_cache_same_pixels_reused_and_keyed(tmp_path):
     files = sorted((tmp_path / "cache").glob("*.npy"))
     assert len(files) == 3 and all(f.name.startswith("folder-") for f in files)
     mtimes = [f.stat().st_mtime_ns for f in files]
-    again = FolderDataModule(data_dir=str(root), cache_dir=str(tmp_path / "cache"), **LOADER)
+    again = from_config("folder", data_dir=str(root), cache_dir=str(tmp_path / "cache"), **LOADER)
     again.prepare_data()  # reused, not rebuilt
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     layouts.write_folder(root / "train", classes=("extra",), per_class=2)  # file list changes
-    other = FolderDataModule(data_dir=str(root), cache_dir=str(tmp_path / "cache"),
+    other = from_config("folder", data_dir=str(root), cache_dir=str(tmp_path / "cache"),
                              classes=None, **{**LOADER})
     assert other.num_classes == 3 + 1
     other.prepare_data()
@@ -291,7 +288,7 @@ def test_cache_same_pixels_reused_and_keyed(tmp_path):
 
 def test_cache_with_worker_processes(tmp_path):
     root = layouts.write_folder(tmp_path / "d", splits=True)
-    dm = FolderDataModule(data_dir=str(root), cache_dir=str(tmp_path / "cache"),
+    dm = from_config("folder", data_dir=str(root), cache_dir=str(tmp_path / "cache"),
                           image_size=16, batch_size=8, num_workers=2)
     dm.prepare_data()
     dm.setup()
@@ -334,7 +331,7 @@ def test_class_weights_and_sampler_weights():
 def test_weighted_sampler_balances_classes(tmp_path):
     root = layouts.write_folder(tmp_path / "d", per_class=4, splits=True)
     layouts.write_folder(root / "train", classes=("benign",), per_class=40, seed=1)
-    dm = FolderDataModule(data_dir=str(root), sampler="weighted", augmentation="none",
+    dm = from_config("folder", data_dir=str(root), sampler="weighted", augmentation="none",
                           image_size=8, batch_size=400, num_workers=0)
     dm.setup()
     assert dm.class_counts("train")["benign"] == 40
@@ -367,8 +364,8 @@ def test_class_weighted_loss_matches_formula(train_cfg):
 def test_shared_ham10000_cache_matches_decoding(tmp_path):
     kw = {"data_dir": str(SHARED_HAM), "image_size": 32, "num_workers": 0, "limit": 200,
           "augmentation": "none"}
-    plain = HAM10000DataModule(**kw)
-    cached = HAM10000DataModule(**kw, cache_dir=str(tmp_path / "cache"))
+    plain = from_config("ham10000", **kw)
+    cached = from_config("ham10000", **kw, cache_dir=str(tmp_path / "cache"))
     plain.setup()
     cached.prepare_data()
     cached.setup()
@@ -376,3 +373,30 @@ def test_shared_ham10000_cache_matches_decoding(tmp_path):
         assert torch.equal(plain.datasets["test"][i][0], cached.datasets["test"][i][0])
     meta = json.loads(next((tmp_path / "cache").glob("ham10000-test-*.json")).read_text())
     assert meta["bad_rows"] == [] and meta["image_size"] == 32
+
+
+def test_augmentation_follows_the_run_seed(ham_dir):
+    """albumentations has its own generator: the same run seed must give the same augmented
+    batches, with and without dataloader workers, and another seed other ones."""
+    import lightning as L
+
+    img = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+
+    def draws(seed):
+        torch.manual_seed(seed)
+        t = build_augmentation("dermoscopy", 3)
+        return [t(image=img)["image"] for _ in range(6)]
+
+    assert all(np.array_equal(a, b) for a, b in zip(draws(7), draws(7), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(draws(7), draws(8), strict=True))
+
+    def first_batch(seed, workers):
+        L.seed_everything(seed, workers=True, verbose=False)
+        dm = from_config("ham10000", data_dir=str(ham_dir), image_size=16, batch_size=8,
+                         num_workers=workers, augmentation="dermoscopy")
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))[0]
+
+    for workers in (0, 2):
+        assert torch.equal(first_batch(3, workers), first_batch(3, workers)), workers
+    assert not torch.equal(first_batch(3, 0), first_batch(4, 0))

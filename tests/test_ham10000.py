@@ -7,13 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from datamodules.ham10000 import HAM10000_CLASSES, HAM10000DataModule, lesion_grouped_split
+from datamodules import from_config
+from datamodules.ham10000 import HAM10000_CLASSES, lesion_grouped_split
 from tests.conftest import SHARED_HAM
 from train import train
 
 
 def _dm(data_dir, **kw):
-    return HAM10000DataModule(data_dir=None if data_dir is None else str(data_dir), image_size=16, num_workers=0,
+    return from_config("ham10000", data_dir=None if data_dir is None else str(data_dir), image_size=16, num_workers=0,
                               batch_size=8, **kw)
 
 
@@ -114,7 +115,7 @@ def test_train_py_on_fixture(train_cfg, ham_dir):
 
 @pytest.mark.skipif(not SHARED_HAM.is_dir(), reason="../shared/datasets/ham10000 not present")
 def test_shared_ham10000_release():
-    dm = HAM10000DataModule(data_dir=str(SHARED_HAM), image_size=32, num_workers=0)
+    dm = from_config("ham10000", data_dir=str(SHARED_HAM), image_size=32, num_workers=0)
     frame = dm.frame
     assert len(frame) == 10015 and frame["lesion_id"].nunique() == 7470
     counts = frame["dx"].value_counts().to_dict()
