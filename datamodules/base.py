@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from .augment import seed_worker
-from .imaging import skip_none_collate
+from .dataset import skip_none_collate
 
 __all__ = ["SplitDataModule", "SAMPLERS", "sample_weights", "balanced_class_weights"]
 

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from .imaging import index_images, missing_files_error
+from .files import index_images, missing_files_error
 from .table import ImageTable, ImageTableDataModule, check_data_dir, find_file, read_csv_checked
 
 __all__ = ["ChestXray14DataModule", "FINDINGS", "parse_findings"]

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from .imaging import IMAGE_SUFFIXES, missing_files_error
+from .files import IMAGE_SUFFIXES, missing_files_error
 from .table import SPLITS, ImageTable, ImageTableDataModule, check_data_dir, read_csv_checked
 
 __all__ = ["FolderDataModule", "CSVDataModule"]

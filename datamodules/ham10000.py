@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .imaging import index_images, missing_files_error, split_indices
+from .files import index_images, missing_files_error
+from .splits import split_indices
 from .table import ImageTable, ImageTableDataModule, check_data_dir, read_csv_checked
 
 __all__ = ["HAM10000DataModule", "HAM10000_CLASSES", "lesion_grouped_split"]
@@ -32,7 +33,7 @@ def lesion_grouped_split(
     labels: np.ndarray, groups: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, np.ndarray]:
     """Row indices of train/val/test, stratified by ``labels`` and grouped by ``groups``
-    (lesion ids): :func:`datamodules.imaging.split_indices` with a test split."""
+    (lesion ids): :func:`datamodules.splits.split_indices` with a test split."""
     return split_indices(labels, groups, val_fraction, test_fraction, seed)
 
 

@@ -28,7 +28,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from .imaging import index_images, missing_files_error
+from .files import index_images, missing_files_error
 from .table import (
     ImageTable,
     ImageTableDataModule,

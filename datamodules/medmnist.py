@@ -22,7 +22,7 @@ import torch
 
 from .augment import build_augmentation
 from .base import SplitDataModule
-from .imaging import ImageDataset
+from .dataset import ImageDataset
 
 __all__ = ["MedMNISTDataModule", "MEDMNIST_INFO", "medmnist_file"]
 

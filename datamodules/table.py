@@ -5,7 +5,7 @@ this class does the rest, identically for all of them:
 
 - splits: rows the publisher assigned to ``val``/``test`` stay there; whatever is missing is
   carved out of the training rows, stratified by label and grouped by patient/lesion
-  (:func:`~datamodules.imaging.split_indices`), so no patient or lesion is in two splits;
+  (:func:`~datamodules.splits.split_indices`), so no patient or lesion is in two splits;
 - checks at start-up: empty split, wrong ``in_chans`` for the images, ``num_classes`` or
   ``task`` that contradict the data;
 - loading: decode per epoch (default), ``preload`` (decode once into memory) or ``cache_dir``
@@ -27,15 +27,10 @@ import pandas as pd
 
 from .augment import build_augmentation
 from .base import SplitDataModule
-from .imaging import (
-    BadImageLog,
-    ImageDataset,
-    cache_name,
-    check_in_chans,
-    decode_to_memory,
-    open_cache,
-    split_indices,
-)
+from .cache import cache_name, decode_to_memory, open_cache
+from .dataset import BadImageLog, ImageDataset
+from .decode import check_in_chans
+from .splits import split_indices
 
 __all__ = ["ImageTable", "ImageTableDataModule", "TABLE_OPTIONS", "find_file",
            "read_csv_checked", "check_data_dir", "one_hot_to_index"]
