@@ -38,7 +38,8 @@ def evaluate_run(run_dir: Path, steps: int, limit: int | None) -> dict:
     GlobalHydra.instance().clear()
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir / "eval")
-        cfg.limit_batches = limit
+        cfg.trainer.limit_test_batches = limit
+        cfg.trainer.enable_progress_bar = False
     report = evaluate(cfg)
     by_eps = {round(r["eps"], 8): r for r in report["results"]}
     return {

@@ -251,3 +251,29 @@ def test_channels_last_option(train_cfg, monkeypatch, channels_last):
     assert len(seen) > 20  # training steps with PGD, validation and test with their attack
     assert all(x == channels_last and w == channels_last for x, w in seen), \
         [i for i, s in enumerate(seen) if s != (channels_last, channels_last)]
+
+
+@pytest.mark.slow
+def test_cli_evaluate_ddp_sim_matches_one_process(undefended_run, tmp_path):
+    """evaluate.py through the Trainer: two DDP processes reduce to the single-process report
+    (96 test images split evenly, so the distributed sampler adds no duplicates)."""
+    ckpt = undefended_run["best_checkpoint"]
+    common = [str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}", "eps_grid=[0,4/255]",
+              "attacks.pgd.steps=3", "trainer.enable_progress_bar=false",
+              f"paths.log_dir={tmp_path}"]
+    reports = {}
+    for name, extra in (("one", []), ("ddp", ["trainer=ddp_sim"])):
+        proc = _run([*common, *extra, f"output_dir={tmp_path / name}"], cwd=tmp_path,
+                    timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    one, ddp = reports["one"], reports["ddp"]
+    assert (one["devices"], ddp["devices"]) == (1, 2)
+    assert one["n_images"] == ddp["n_images"] == 96
+    assert ddp["clean"] == pytest.approx(one["clean"])
+    rows = {name: {(r["attack"], r["eps_str"]): r for r in rep["results"]}
+            for name, rep in reports.items()}
+    assert rows["one"].keys() == rows["ddp"].keys()
+    for key, row in rows["one"].items():  # FGSM is deterministic; PGD starts at random
+        tol = 1e-6 if key[0] == "fgsm" or key[1] == "0" else 0.05
+        assert rows["ddp"][key]["acc"] == pytest.approx(row["acc"], abs=tol), key
