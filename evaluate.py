@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules import complete_stored_config
 from lightning_modules.attacks import parse_eps
 from lightning_modules.evaluation import EvaluationModule
 from lightning_modules.tasks import SCORE_METRIC
@@ -64,6 +65,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 def build_from_checkpoint(ckpt: dict, datamodule_overrides: DictConfig | None):
     """Rebuild the datamodule and the network (weights loaded) from a checkpoint."""
     train_cfg = OmegaConf.create(ckpt["medrobust_config"])
+    train_cfg.datamodule = complete_stored_config(train_cfg.datamodule)  # older checkpoints
     if datamodule_overrides:
         train_cfg.datamodule = OmegaConf.merge(train_cfg.datamodule, datamodule_overrides)
     datamodule = instantiate_node(train_cfg, "datamodule")

@@ -6,6 +6,10 @@ For use outside ``train.py`` (notebooks, tests, benchmarks)::
 
     from datamodules import from_config
     dm = from_config("ham10000", data_dir="/data/ham10000", image_size=32)
+
+The files are composed here as Hydra composes them (defaults lists of ``<file>@_here_``
+entries, relative to the including file's folder, then ``_self_``), without Hydra's global
+state, so this also works inside a running Hydra app (``evaluate.py``).
 """
 
 from __future__ import annotations
@@ -15,23 +19,46 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CONF_DIR", "datamodule_config", "from_config"]
+__all__ = ["CONF_DIR", "datamodule_config", "from_config", "complete_stored_config"]
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+_GROUP = CONF_DIR / "datamodule"
+
+
+def _compose(path: Path) -> DictConfig:
+    raw = OmegaConf.load(path)
+    defaults = list(raw.pop("defaults", None) or ["_self_"])
+    out = OmegaConf.create()
+    for entry in defaults:
+        if entry == "_self_":
+            out = OmegaConf.merge(out, raw)
+            continue
+        name, _, package = str(entry).partition("@")
+        if package not in ("", "_here_") or not isinstance(entry, str):
+            raise ValueError(f"{path}: unsupported defaults entry {entry!r}")
+        out = OmegaConf.merge(out, _compose(path.parent / f"{name}.yaml"))
+    if "_self_" not in defaults:
+        out = OmegaConf.merge(out, raw)
+    return out
 
 
 def datamodule_config(name: str, **overrides: Any) -> DictConfig:
     """``conf/datamodule/<name>.yaml`` composed with its defaults, with ``overrides`` merged."""
-    from hydra import compose, initialize_config_dir
-
-    if not (CONF_DIR / "datamodule" / f"{name}.yaml").is_file():
-        options = sorted(p.stem for p in (CONF_DIR / "datamodule").glob("*.yaml"))
+    path = _GROUP / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in _GROUP.glob("*.yaml"))
         raise ValueError(f"datamodule={name!r} is not one of {options}")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"datamodule={name}"])
-    node = cfg.datamodule
-    OmegaConf.set_struct(node, False)
-    return OmegaConf.merge(node, overrides)
+    return OmegaConf.merge(_compose(path), overrides)
+
+
+def complete_stored_config(stored: DictConfig) -> DictConfig:
+    """A datamodule config stored in a checkpoint, completed with today's defaults for options
+    added since it was written (found by its ``_target_``); stored values win."""
+    target = stored.get("_target_")
+    for path in sorted(_GROUP.glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            return OmegaConf.merge(_compose(path), stored)
+    return stored
 
 
 def from_config(name: str, **overrides: Any):

@@ -162,6 +162,8 @@ def test_datamodule_defaults_live_in_one_place(option):
     from datamodules.table import TABLE_OPTIONS, ImageTableDataModule
 
     cfg = datamodule_config(option)
+    hydra_cfg = compose_cfg("train", [f"datamodule={option}"], CONF.parent / "unused").datamodule
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(hydra_cfg)  # as Hydra composes
     cls = get_class(cfg._target_)
     keys = set(cfg) - {"_target_"}
     if issubclass(cls, ImageTableDataModule):

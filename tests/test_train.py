@@ -137,6 +137,18 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     for eps in ("2/255", "8/255"):  # a sample is robust only if every attack fails on it
         worst = by[("worst", eps)]["acc"]
         assert worst <= min(by[("fgsm", eps)]["acc"], by[("pgd", eps)]["acc"]) + 1e-6
+    # a checkpoint written before a datamodule option existed still evaluates (its config
+    # is completed with today's default), and gives the same numbers
+    old = torch.load(ckpt, weights_only=True)
+    for key in ("pin_memory", "sampler", "eval_batch_size"):
+        del old["medrobust_config"]["datamodule"][key]
+    torch.save(old, tmp_path / "old.ckpt")
+    rep_old = evaluate(compose_cfg("eval", [f"ckpt_path={tmp_path / 'old.ckpt'}",
+                                            "eps_grid=[0,2/255,8/255]", "attacks.pgd.steps=5",
+                                            f"output_dir={tmp_path / 'old'}"], tmp_path / "evo"))
+    assert rep_old["clean"] == report["clean"]
+    assert [r["acc"] for r in rep_old["results"] if r["attack"] == "fgsm"] == \
+        [r["acc"] for r in report["results"] if r["attack"] == "fgsm"]
     # the same engine as the training run's test: PGD-10 at 8/255 reproduces its numbers
     cfg10 = compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[8/255]",
                                  "~attacks.fgsm", "attacks.pgd.steps=10",
