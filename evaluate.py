@@ -36,7 +36,6 @@ from lightning_modules.tasks import SCORE_METRIC
 from lightning_modules.utils import (
     ConfigError,
     exit_on_config_error,
-    format_eps,
     instantiate_node,
     register_resolvers,
     write_json,
@@ -116,13 +115,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if kind == "clean":
             continue
         name, eps_str = kind.rsplit("@", 1)
-        cell = module.cells.get(kind)
-        desc = cell.describe() if cell is not None else {}
-        eps = cell.eps if cell is not None else parse_eps(eps_str)
-        rows.append({"attack": name, "norm": desc.get("norm", cfg.threat.norm), "eps": eps,
-                     "eps_str": format_eps(eps),
-                     "steps": desc.get("steps", 1) if cell is not None else None,
-                     "restarts": desc.get("restarts", 1) if cell is not None else None,
+        cell = module.cells.get(kind)  # None for a worst-case row
+        desc = cell.describe() if cell is not None else \
+            {"norm": cfg.threat.norm, "eps": parse_eps(eps_str), "steps": None, "restarts": None}
+        rows.append({"attack": name, "norm": desc["norm"], "eps": desc["eps"], "eps_str": eps_str,
+                     "steps": desc.get("steps", 1), "restarts": desc.get("restarts", 1),
                      **metrics})
     report = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
@@ -182,7 +179,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     metrics = ["acc", report["score_metric"]] if report["score_metric"] != "acc" else ["acc"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for name in report["attacks"]:
+        for name in dict.fromkeys(r["attack"] for r in report["results"]):  # with worst
             rows = sorted((r for r in report["results"] if r["attack"] == name),
                           key=lambda r: r["eps"])
             ax.plot([r["eps"] * 255 for r in rows], [r[metric] for r in rows], marker="o",
@@ -216,8 +213,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['attack']} | {r['norm']} | {r['eps_str']} | {r['steps']} | "
-                     f"{r['restarts']} | {r['acc']:.4f} | {r[score]:.4f} |")
+        steps, restarts = (r[k] if r[k] is not None else "-" for k in ("steps", "restarts"))
+        lines.append(f"| {r['attack']} | {r['norm']} | {r['eps_str']} | {steps} | "
+                     f"{restarts} | {r['acc']:.4f} | {r[score]:.4f} |")
     per_class = [k for k in report["clean"] if "/" in k]
     if per_class:
         strongest = {}
