@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules import complete_stored_config
 from lightning_modules.attacks import parse_eps
 from lightning_modules.evaluation import EvaluationModule
+from lightning_modules.selection import chance_level
 from lightning_modules.tasks import SCORE_METRIC
 from lightning_modules.utils import (
     ConfigError,
@@ -128,6 +129,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "num_classes": num_classes,
         "class_names": class_names,
         "score_metric": SCORE_METRIC[task],
+        "chance": {SCORE_METRIC[task]: chance_level(task, num_classes)},
         "split": split,
         "n_images": module.n_images,
         "dataset": train_cfg.datamodule.get("_target_"),
@@ -208,6 +210,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"- backbone `{report['backbone']}`, defense `{report['defense']}`, trained at "
         f"{report['train_threat']}",
         "- clean: " + ", ".join(f"{k} {v:.4f}" for k, v in report["clean"].items()),
+        f"- chance level: {score} {report['chance'][score]:.4f} (a constant predictor)",
         "",
         f"| attack | norm | eps | steps | restarts | acc | {score} |",
         "|---|---|---|---|---|---|---|",

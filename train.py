@@ -6,8 +6,10 @@
     python train.py -m defense=none,pgd_at seed=1,2   # Hydra multirun
 
 ``train(cfg)`` is a plain function (tests and sweeps call it); ``main`` is the Hydra entry point.
-Outputs in the run directory: ``checkpoints/`` (best on ``val/adv_score`` and ``last.ckpt``),
-``metrics.json``, ``config_resolved.yaml``, logger folders (``csv/`` by default).
+Outputs in the run directory: ``checkpoints/`` (``best-clean-*``, ``best-robust-*`` and
+``last.ckpt``), ``metrics.json``, ``config_resolved.yaml``, logger folders (``csv/`` by
+default). The checkpoint tested is chosen by ``defense.selection`` (clean | robust | last; see
+``lightning_modules/selection.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.base import balanced_class_weights
+from lightning_modules.selection import CRITERIA, INELIGIBLE, chance_level
 from lightning_modules.utils import (
     ConfigError,
     exit_on_config_error,
@@ -47,7 +50,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate_node(cfg, "datamodule")
     fill_from_data(cfg, datamodule)
     net = instantiate_node(cfg, "backbone")
-    defense = instantiate_node(cfg, "defense")
+    defense, selection = build_defense(cfg)
     val_attack = instantiate_node(cfg, "attack")
     module = instantiate_node(
         cfg, "module", net=net, defense=defense, val_attack=val_attack,
@@ -61,7 +64,16 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if getattr(trainer, "_inference_mode", False):
         raise ConfigError("trainer.inference_mode must be false: adversarial validation and "
                           "test need gradients")
-    return {"datamodule": datamodule, "module": module, "trainer": trainer, "loggers": loggers}
+    return {"datamodule": datamodule, "module": module, "trainer": trainer, "loggers": loggers,
+            "selection": selection}
+
+
+def build_defense(cfg: DictConfig):
+    """The defense and its checkpoint ``selection`` criterion (a key of the defense config)."""
+    selection = cfg.defense.get("selection", "robust") if cfg.get("defense") else "robust"
+    if selection not in CRITERIA:
+        raise ConfigError(f"defense.selection={selection!r} must be one of {list(CRITERIA)}")
+    return instantiate_node(cfg, "defense", drop=("selection",)), selection
 
 
 def fill_from_data(cfg: DictConfig, datamodule) -> None:
@@ -109,15 +121,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    best = ""
-    ckpt_cb = trainer.checkpoint_callback
-    if ckpt_cb is not None:
-        best = ckpt_cb.best_model_path or ""
+    chosen = choose_checkpoint(trainer, module, parts["selection"])
+    if chosen["fallback"]:
+        log.warning("no epoch was eligible for selection (%s): testing the last checkpoint",
+                    "; ".join(f"epoch {e}: {why}" for e, why in module.ineligible_epochs.items()))
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
-        if not best:
-            log.warning("no best checkpoint (checkpointing off?): testing the current weights")
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        if not chosen["checkpoint"]:
+            log.warning("no checkpoint (checkpointing off?): testing the current weights")
+        trainer.test(module, datamodule=datamodule, ckpt_path=chosen["checkpoint"] or None)
         test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith("test/")}
 
@@ -130,9 +142,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.get("seed"),
         "test": test_metrics,
         "val": {k: v for k, v in fit_metrics.items() if k.startswith("val/")},
-        "best_checkpoint": best,
-        "last_checkpoint": str(Path(ckpt_cb.dirpath) / "last.ckpt")
-        if ckpt_cb is not None and ckpt_cb.dirpath else "",
+        "chance": {module.score_key: chance_level(module.task_name, module.hparams.num_classes)},
+        "selection": chosen,
+        "best_checkpoint": chosen["checkpoint"],  # the checkpoint tested
+        "checkpoints": checkpoint_paths(trainer),
+        "last_checkpoint": checkpoint_paths(trainer).get("last", ""),
         "output_dir": str(out_dir),
         "skipped_images": skipped_images(datamodule),
         "wall_time_s": round(time.perf_counter() - start, 1),
@@ -142,6 +156,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("print_summary", True):
             print(summary_table(result, parts["loggers"], out_dir), flush=True)
     return result
+
+
+def checkpoint_paths(trainer: L.Trainer) -> dict[str, str]:
+    """``{"best_clean": ..., "best_robust": ..., "last": ...}`` as written by the callbacks."""
+    out = {}
+    for cb in trainer.checkpoint_callbacks:
+        if cb.monitor and cb.monitor.startswith("val/sel_") and cb.best_model_path:
+            out["best_" + cb.monitor[len("val/sel_"):]] = cb.best_model_path
+        if cb.monitor is None and cb.best_model_path:  # conf/callbacks/default.yaml: last
+            out["last"] = cb.best_model_path
+    return out
+
+
+def choose_checkpoint(trainer: L.Trainer, module, criterion: str) -> dict[str, Any]:
+    """The checkpoint to test for ``criterion`` (clean | robust | last), its epoch, and whether
+    it is the fallback to ``last`` because no epoch was eligible."""
+    paths = checkpoint_paths(trainer)
+    path, fallback = paths.get("last", ""), False
+    if criterion != "last":
+        cb = next((c for c in trainer.checkpoint_callbacks
+                   if c.monitor == f"val/sel_{criterion}"), None)
+        if cb is not None and cb.best_model_path:
+            fallback = cb.best_model_score is not None and \
+                float(cb.best_model_score) <= INELIGIBLE
+            path = path if fallback else cb.best_model_path
+    epoch = None
+    if path and Path(path).is_file():
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    return {"criterion": criterion, "checkpoint": path, "epoch": epoch, "fallback": fallback,
+            "ineligible_epochs": {str(k): v for k, v in module.ineligible_epochs.items()}}
 
 
 def skipped_images(datamodule) -> list[str]:
@@ -167,22 +211,28 @@ def summary_table(result: dict[str, Any], loggers: list, out_dir: Path) -> str:
     if names:
         names.sort(key=lambda n: ("/" in n, n))  # summary metrics first, then per class
         width = max(14, 2 + max(len(n) for n in names))
-        lines.append(f"{'test metric':<{width}}{'clean':>10}{atk_name + ' @ ' + eps:>22}")
+        chance = result.get("chance", {})
+        lines.append(f"{'test metric':<{width}}{'clean':>10}{atk_name + ' @ ' + eps:>22}"
+                     f"{'chance':>9}")
         for name in names:
             clean = test.get(f"test/{name}")
             adv = test.get(f"test/adv_{name}")
             fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-            lines.append(f"{name:<{width}}{fmt(clean):>10}{fmt(adv):>22}")
+            level = f"{chance[name]:>9.4f}" if name in chance else ""
+            lines.append(f"{name:<{width}}{fmt(clean):>10}{fmt(adv):>22}{level}")
     else:
         lines.append("(no test metrics: test=false)")
     skipped = result.get("skipped_images") or []
     if skipped:
         lines.append(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[:3]}")
-    lines.append(f"best checkpoint: {result['best_checkpoint'] or '-'}")
-    lines.append(f"metrics JSON:    {out_dir / 'metrics.json'}")
+    sel = result["selection"]
+    lines.append(f"tested checkpoint: {sel['checkpoint'] or '-'} (epoch {sel['epoch']}, "
+                 f"selected by {sel['criterion']} validation score"
+                 + ("; NO EPOCH WAS ELIGIBLE: last checkpoint)" if sel["fallback"] else ")"))
+    lines.append(f"metrics JSON:      {out_dir / 'metrics.json'}")
     log_dirs = sorted({str(getattr(lg, 'log_dir', None) or getattr(lg, 'save_dir', '') or '')
                        for lg in loggers} - {""})
-    lines.append(f"logs:            {', '.join(log_dirs) if log_dirs else str(out_dir)}")
+    lines.append(f"logs:              {', '.join(log_dirs) if log_dirs else str(out_dir)}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""A user's own data with no code: a class-per-folder tree (``folder``) or a CSV (``csv``).
+r"""A user's own data with no code: a class-per-folder tree (``folder``) or a CSV (``csv``).
 
 ``folder``::
 
@@ -6,7 +6,11 @@
     data_dir/{train,val,test}/<class>/.../<image>        splits given (val/test optional)
 
 Classes are the sub-folder names, sorted (or ``classes`` to fix the order; a folder not listed
-there is an error).
+there is an error). ``group_pattern``: a regular expression searched in each file name whose
+first group is the patient id, so that no patient is in two of the splits carved here (a file
+it does not match is its own group); e.g. ``^(person\d+|(?:NORMAL2-)?IM-\d+)`` for the
+pediatric pneumonia X-rays (``person1000_bacteria_2931.jpeg``, ``IM-0115-0001.jpeg``,
+``NORMAL2-IM-0587-0001.jpeg``).
 
 ``csv``: a CSV with one row per image: a path column (relative to ``image_dir``, default
 ``data_dir``), and either one label column (single-label; values are class names) or several
@@ -18,6 +22,7 @@ splits).
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -58,12 +63,31 @@ def _class_index(values: list[str], classes: list[str] | None, source: str
     return np.array([index[v] for v in values], dtype=np.int64), classes
 
 
+def _groups(paths: list[str], pattern: str | None) -> np.ndarray | None:
+    """Patient id per file: the first group of ``pattern`` in its name, else the path."""
+    if not pattern:
+        return None
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"datamodule.group_pattern={pattern!r} is not a regular expression: "
+                         f"{err}") from None
+    if regex.groups < 1:
+        raise ValueError(f"datamodule.group_pattern={pattern!r} needs a (group) for the "
+                         "patient id")
+    out = []
+    for path in paths:
+        match = regex.search(os.path.basename(path))
+        out.append(match.group(1) if match and match.group(1) else path)
+    return np.array(out, dtype=object)
+
+
 class FolderDataModule(ImageTableDataModule):
     """Class-per-sub-folder images; see the module docstring."""
 
     dataset_name = "folder"
 
-    dataset_options = ("data_dir", "classes")
+    dataset_options = ("data_dir", "classes", "group_pattern")
 
     def read_table(self) -> ImageTable:
         root = check_data_dir(self.hparams.data_dir)
@@ -82,7 +106,8 @@ class FolderDataModule(ImageTableDataModule):
                              f"{root}")
         targets, classes = _class_index(labels, self.hparams.classes, root)
         return ImageTable(paths=paths, targets=targets, class_names=classes, task="multiclass",
-                          source=root, splits=np.array(splits))
+                          source=root, splits=np.array(splits),
+                          groups=_groups(paths, self.hparams.group_pattern))
 
 
 class CSVDataModule(ImageTableDataModule):

@@ -27,6 +27,7 @@ from .attacks import Attack, attack_mode
 from .defenses import Defense
 from .metrics import build_metrics, scalar_metrics
 from .robust_eval import RobustEvaluator
+from .selection import INELIGIBLE, eligibility
 from .tasks import Task, check_task
 from .utils import to_memory_format
 
@@ -59,6 +60,13 @@ class RobustClassifier(L.LightningModule):
             ``module.class_weights=balanced`` into counts-based weights. The attacks maximise the
             same weighted loss; MART/MAAdvT use their own boosted loss and ignore the weights.
             Validation and test losses are unweighted.
+        eligibility: ``{max_class_share, min_above_chance}`` of
+            :func:`~lightning_modules.selection.eligibility`: an epoch with degenerate clean
+            validation predictions gets selection scores ``-1`` and is never the best.
+
+    Selection scores, logged every validation epoch for the checkpoint callbacks:
+    ``val/sel_clean`` (clean score) and ``val/sel_robust`` (score under the validation attack),
+    both ``-1`` when the epoch is not eligible (``val/eligible`` = 0).
     """
 
     def __init__(
@@ -76,6 +84,7 @@ class RobustClassifier(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         class_weights: list[float] | None = None,
+        eligibility: dict | None = None,
     ) -> None:
         super().__init__()
         # Only plain values go into checkpoints (they load with torch.load(weights_only=True)).
@@ -105,6 +114,8 @@ class RobustClassifier(L.LightningModule):
                                    per_class=stage == "test")
             for stage in ("val", "test")})
         self.val_score_best = MaxMetric()
+        self.eligibility_rule = dict(eligibility or {})
+        self.ineligible_epochs: dict[int, str] = {}  # epoch -> why it cannot be selected
         if eps_warmup_epochs < 0:
             raise ValueError(f"module.eps_warmup_epochs={eps_warmup_epochs} must be >= 0")
         self.run_config: dict | None = None  # resolved Hydra config, stored in checkpoints
@@ -200,13 +211,28 @@ class RobustClassifier(L.LightningModule):
         self._eval_step("test", batch)
 
     def on_validation_epoch_end(self) -> None:
+        counts = self.evaluators["val"].predicted_counts()
         values = self._log_eval_epoch("val", prog_bar=True)
         if values and not self.trainer.sanity_checking:
             score = values[f"val/adv_{self.score_key}"]
             self.val_score_best.update(score)
             self.log("val/adv_score_best", self.val_score_best.compute(), sync_dist=True)
+            self._log_selection(values, counts)
         elif self.trainer.sanity_checking:
             self.val_score_best.reset()
+
+    def _log_selection(self, values: dict[str, torch.Tensor], counts: torch.Tensor | None
+                       ) -> None:
+        """``val/eligible``, ``val/sel_clean`` and ``val/sel_robust`` for this epoch."""
+        clean = float(values[f"val/{self.score_key}"])
+        ok, why = eligibility(self.task_name, self.hparams.num_classes, clean, counts,
+                              **self.eligibility_rule)
+        if not ok:
+            self.ineligible_epochs[self.current_epoch] = why
+        sel = {"val/eligible": float(ok),
+               "val/sel_clean": clean if ok else INELIGIBLE,
+               "val/sel_robust": float(values["val/adv_score"]) if ok else INELIGIBLE}
+        self.log_dict({k: torch.tensor(v, device=self.device) for k, v in sel.items()})
 
     def on_test_epoch_end(self) -> None:
         self._log_eval_epoch("test", prog_bar=False)

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchmetrics import SumMetric
+from torchmetrics import Metric, SumMetric
 
 from .attacks import Attack
 from .metrics import build_metrics, scalar_metrics
 from .tasks import Task, check_task
 
-__all__ = ["RobustEvaluator", "EvalBatch", "worst_case_logits"]
+__all__ = ["RobustEvaluator", "EvalBatch", "PredictionCounts", "worst_case_logits"]
 
 CLEAN = "clean"
 
@@ -49,6 +49,20 @@ def worst_case_logits(candidates: Sequence[torch.Tensor], y: torch.Tensor,
     score = torch.stack([task.loss(c, y) + 1e6 * task.wrong(c, y).float() for c in stacked])
     pick = score.argmax(dim=0)  # (B,)
     return stacked[pick, torch.arange(stacked.shape[1], device=stacked.device)]
+
+
+class PredictionCounts(Metric):
+    """How many samples were predicted as each class (argmax), summed across ranks."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.add_state("counts", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor) -> None:
+        self.counts += torch.bincount(logits.argmax(dim=1), minlength=self.counts.numel())
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
 
 
 class RobustEvaluator(nn.Module):
@@ -81,6 +95,8 @@ class RobustEvaluator(nn.Module):
         self.metrics = nn.ModuleList(build_metrics(task, num_classes, per_class=per_class)
                                      for _ in self.kinds)
         self.n_images = SumMetric()
+        self.clean_predictions = PredictionCounts(num_classes) \
+            if self.task.single_label else None
 
     def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EvalBatch:
         """Attack ``(x, y)`` (images in [0, 1]) with every attack and update every metric."""
@@ -98,6 +114,8 @@ class RobustEvaluator(nn.Module):
         for kind, coll in zip(self.kinds, self.metrics, strict=True):
             coll.update(logits[kind].float(), target)
         self.n_images.update(torch.tensor(float(x.shape[0]), device=x.device))
+        if self.clean_predictions is not None:
+            self.clean_predictions.update(out.clean)
         return out
 
     def compute(self, class_names: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -111,7 +129,15 @@ class RobustEvaluator(nn.Module):
         """Images seen since the last reset (all ranks)."""
         return int(self.n_images.compute().item()) if self.n_images.update_count else 0
 
+    def predicted_counts(self) -> torch.Tensor | None:
+        """Clean predictions per class since the last reset (all ranks); single-label only."""
+        if self.clean_predictions is None or not self.clean_predictions.update_count:
+            return None
+        return self.clean_predictions.compute()
+
     def reset(self) -> None:
         for coll in self.metrics:
             coll.reset()
         self.n_images.reset()
+        if self.clean_predictions is not None:
+            self.clean_predictions.reset()

@@ -38,13 +38,17 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+def instantiate_node(cfg: DictConfig, key: str, drop: tuple[str, ...] = (), **kwargs: Any) -> Any:
     """``hydra.utils.instantiate(cfg[key], **kwargs)``; errors become one :class:`ConfigError`
-    that names the config key and the underlying message."""
+    that names the config key and the underlying message. ``drop``: keys of the node that are
+    not constructor arguments (read by the caller)."""
     node = cfg.get(key)
     if node is None:
         raise ConfigError(f"config key '{key}' is missing")
     try:
+        if drop:
+            node = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+                    if k not in drop}
         # _convert_="all": lists and dicts reach constructors as plain Python (they end up in
         # checkpoints, which load with weights_only=True)
         return hydra.utils.instantiate(node, _convert_="all", **kwargs)

@@ -147,6 +147,28 @@ def write_folder(root: Path, classes=("benign", "malignant", "normal"), per_clas
     return root
 
 
+def write_pneumonia(root: Path, patients: int = 12, seed: int = 0) -> Path:
+    """``root/chest_xray/{train,test}/{NORMAL,PNEUMONIA}/`` named as in the Kermany release:
+    ``IM-0115-0001.jpeg`` and ``NORMAL2-IM-0587-0001.jpeg`` (normal), ``person12_bacteria_3.jpeg``
+    and ``person12_virus_4.jpeg`` (pneumonia); several images per patient."""
+    rng = np.random.default_rng(seed)
+    img = 0
+    for split, n in (("train", patients), ("test", 3)):
+        for p in range(n):
+            pid = p + (0 if split == "train" else 500)
+            normal = root / "chest_xray" / split / "NORMAL"
+            sick = root / "chest_xray" / split / "PNEUMONIA"
+            normal.mkdir(parents=True, exist_ok=True)
+            sick.mkdir(parents=True, exist_ok=True)
+            prefix = "NORMAL2-IM" if p % 2 else "IM"
+            for k in range(1 + p % 3):
+                _image(rng, 0).save(normal / f"{prefix}-{pid:04d}-{k + 1:04d}.jpeg")
+                kind = "bacteria" if k % 2 == 0 else "virus"
+                img += 1
+                _image(rng, 1).save(sick / f"person{pid}_{kind}_{img}.jpeg")
+    return root / "chest_xray"
+
+
 def write_csv_dataset(root: Path, multilabel: bool = False, n: int = 40, seed: int = 0) -> Path:
     """``root/labels.csv`` with path,diagnosis (or path,finding_a,finding_b,finding_c),
     patient_id; images under ``root/imgs/``."""

@@ -10,7 +10,7 @@ from lightning_modules.attacks import Attack, parse_eps
 from lightning_modules.defenses import Defense
 from lightning_modules.utils import ConfigError, instantiate_node
 from tests.conftest import CONF, compose_cfg
-from train import build
+from train import build, build_defense
 
 GROUPS = ["datamodule", "backbone", "defense", "attack", "module", "trainer", "logger",
           "callbacks", "experiment", "debug", "paths", "hydra"]
@@ -54,6 +54,10 @@ def _extra(group: str, option: str, ham_dir) -> list[str]:
         extra.append(f"datamodule.data_dir={ham_dir}")
     elif group == "datamodule":
         extra += _dataset_fixture(option, ham_dir.parent)
+    if group == "experiment" and option == "pneumonia_xray":
+        from tests import layouts
+
+        extra.append(f"datamodule.data_dir={layouts.write_pneumonia(ham_dir.parent / option)}")
     if group == "experiment":
         extra.append("datamodule.num_workers=0")
     if group == "trainer" and option in ("gpu", "ddp") and not torch.cuda.is_available():
@@ -106,9 +110,9 @@ def test_threat_reaches_every_attack(norm, eps, tmp_path):
         assert (val.norm, val.eps) == (norm, pytest.approx(value))
         if defense == "n_fgsm" and norm == "l2":  # N-FGSM is defined for L-inf only
             with pytest.raises(ConfigError, match="norm"):
-                instantiate_node(cfg, "defense")
+                build_defense(cfg)
             continue
-        attacks = list(instantiate_node(cfg, "defense").attacks.values())
+        attacks = list(build_defense(cfg)[0].attacks.values())
         assert attacks or defense == "none", defense
         for atk in attacks:
             assert atk.norm == norm, (defense, atk)
@@ -129,13 +133,13 @@ def test_per_attack_override_wins(tmp_path):
     cfg = compose_cfg("train", ["defense=fgsm_pgd_at", "threat.eps=8/255",
                                 "defense.attacks.pgd.eps=2/255", "defense.attacks.pgd.norm=l2",
                                 "attack.eps=4/255"], tmp_path)
-    attacks = instantiate_node(cfg, "defense").attacks
+    attacks = build_defense(cfg)[0].attacks
     assert (attacks["pgd"].norm, attacks["pgd"].eps) == ("l2", pytest.approx(2 / 255))
     assert (attacks["fgsm"].norm, attacks["fgsm"].eps) == ("linf", pytest.approx(8 / 255))
     assert instantiate_node(cfg, "attack").eps == pytest.approx(4 / 255)
     # another preset for one mounted attack, and one more attack in evaluation
     cfg = compose_cfg("train", ["defense=pgd_at", "attack@defense.attacks.pgd=pgd20"], tmp_path)
-    assert instantiate_node(cfg, "defense").attacks["pgd"].restarts == 2
+    assert build_defense(cfg)[0].attacks["pgd"].restarts == 2
     cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", "+attack@attacks.pgd_l2=pgd_l2",
                                "attacks.pgd.norm=l2"], tmp_path)
     assert {n: instantiate_node(cfg.attacks, n).norm for n in cfg.attacks} == {

@@ -198,7 +198,7 @@ def test_cli_train_then_evaluate(tmp_path):
     proc = _run([str(ROOT / "train.py"), *CLI_FAST, f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "clean" in out and "PGD-10 @ 8/255" in out and "best checkpoint:" in out
+    assert "clean" in out and "PGD-10 @ 8/255" in out and "tested checkpoint:" in out
     ckpt = next(tmp_path.glob("train/runs/*/checkpoints/last.ckpt"))
     proc = _run([str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}", "trainer.limit_test_batches=1",
                  "attacks.pgd.steps=3", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
