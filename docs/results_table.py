@@ -5,7 +5,8 @@
 For every job of the multirun it reads ``metrics.json`` (clean test metrics, wall time), runs
 ``evaluate.evaluate`` on the best checkpoint with PGD-``steps`` at the training eps and at half
 of it, and prints one markdown row per defense: clean balanced accuracy, clean accuracy,
-balanced accuracy under PGD at eps and eps/2, and the training wall time.
+balanced accuracy under PGD at eps and eps/2, the training wall time, and which checkpoint was
+tested (the defense's selection criterion and its epoch).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def evaluate_run(run_dir: Path, steps: int, limit: int | None) -> dict:
         "adv_bal_acc": by_eps[round(eps, 8)]["bal_acc"],
         "adv_bal_acc_half": by_eps[round(eps / 2, 8)]["bal_acc"],
         "wall_time_s": metrics["wall_time_s"],
+        "criterion": metrics.get("selection", {}).get("criterion", "robust"),
+        "epoch": report["epoch"],
+        "fallback": metrics.get("selection", {}).get("fallback", False),
     }
 
 
@@ -67,12 +71,13 @@ def main() -> None:
     rows = [evaluate_run(r, args.steps, args.limit) for r in runs]
     eps = format_eps(rows[0]["eps"])
     half = format_eps(rows[0]["eps"] / 2)
-    print(f"| defense | clean bal. acc | clean acc | PGD-{args.steps} bal. acc @ {eps} | "
-          f"PGD-{args.steps} bal. acc @ {half} | wall time |")
-    print("|---|---|---|---|---|---|")
+    print(f"| defense | selected by | epoch | clean bal. acc | clean acc | PGD-{args.steps} bal. acc "
+          f"@ {eps} | PGD-{args.steps} bal. acc @ {half} | wall time |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['defense']} | {r['clean_bal_acc']:.4f} | {r['clean_acc']:.4f} | "
-              f"{r['adv_bal_acc']:.4f} | {r['adv_bal_acc_half']:.4f} | "
+        crit = r["criterion"] + (" (none eligible: last)" if r["fallback"] else "")
+        print(f"| {r['defense']} | {crit} | {r['epoch']} | {r['clean_bal_acc']:.4f} | "
+              f"{r['clean_acc']:.4f} | {r['adv_bal_acc']:.4f} | {r['adv_bal_acc_half']:.4f} | "
               f"{r['wall_time_s']:.0f} s |")
     (args.multirun_dir / "results_table.json").write_text(json.dumps(rows, indent=2) + "\n")
 
