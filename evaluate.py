@@ -117,8 +117,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             continue
         name, eps_str = kind.rsplit("@", 1)
         cell = module.cells.get(kind)  # None for a worst-case row
-        desc = cell.describe() if cell is not None else \
-            {"norm": cfg.threat.norm, "eps": parse_eps(eps_str), "steps": None, "restarts": None}
+        if cell is None:
+            norm = module.cells[module.evaluator.worst_case[kind][0]].norm
+            desc = {"norm": norm, "eps": parse_eps(eps_str), "steps": None, "restarts": None}
+        else:
+            desc = cell.describe()
         rows.append({"attack": name, "norm": desc["norm"], "eps": desc["eps"], "eps_str": eps_str,
                      "steps": desc.get("steps", 1), "restarts": desc.get("restarts", 1),
                      **metrics})
@@ -140,8 +143,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "devices": trainer.world_size,
         "clean": module.results["clean"],
         "attacks": {name: attacks[name].describe() for name in attacks},
-        "worst_case": "per sample, over the clean prediction and every attack at that eps"
-        if len(attacks) > 1 else None,
+        "worst_case": {k: v for k, v in module.evaluator.worst_case.items()} or None,
         "results": rows,
         "wall_time_s": round(time.perf_counter() - start, 1),
     }

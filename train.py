@@ -226,8 +226,10 @@ def summary_table(result: dict[str, Any], loggers: list, out_dir: Path) -> str:
     if skipped:
         lines.append(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[:3]}")
     sel = result["selection"]
+    how = "the last epoch" if sel["criterion"] == "last" else \
+        f"{sel['criterion']} validation score"
     lines.append(f"tested checkpoint: {sel['checkpoint'] or '-'} (epoch {sel['epoch']}, "
-                 f"selected by {sel['criterion']} validation score"
+                 f"selected by {how}"
                  + ("; NO EPOCH WAS ELIGIBLE: last checkpoint)" if sel["fallback"] else ")"))
     lines.append(f"metrics JSON:      {out_dir / 'metrics.json'}")
     log_dirs = sorted({str(getattr(lg, 'log_dir', None) or getattr(lg, 'save_dir', '') or '')

@@ -80,11 +80,13 @@ def seed_worker(worker_id: int) -> None:
 
 def build_augmentation(spec: Any, in_chans: int):
     """The training transform for ``spec`` (preset name, ``None``/``"none"``, or a Hydra node),
-    seeded from ``torch.initial_seed()``."""
+    seeded from ``torch.initial_seed()`` plus the DDP rank."""
     import torch
 
     transform = _build(spec, in_chans)
-    _seed(transform, torch.initial_seed())
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else 0
+    _seed(transform, torch.initial_seed() + rank)  # DDP ranks draw different augmentations
     return transform
 
 

@@ -10,7 +10,8 @@ One class serves single-label (``multiclass``, softmax cross-entropy) and multi-
 
 Logged keys: ``train/loss``, ``train/{acc,...}`` (clean) and ``train/adv_{acc,...}``;
 ``val/...`` and ``val/adv_...`` likewise, plus ``val/adv_score`` (balanced accuracy or macro
-AUROC under ``val_attack``), on which the best checkpoint is chosen, and ``val/adv_score_best``.
+AUROC under ``val_attack``), ``val/adv_score_best``, and the selection scores ``val/sel_clean``
+and ``val/sel_robust`` that the checkpoint callbacks monitor (see ``selection.py``).
 Validation and test need ``Trainer(inference_mode=False)``: attacks need gradients.
 """
 

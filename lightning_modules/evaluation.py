@@ -6,8 +6,9 @@ the engine the training module validates and tests with. Running it through a Li
 mixed precision, DDP with metrics reduced across ranks, limits and a progress bar. It needs
 ``Trainer(inference_mode=False)``: attacks need gradients.
 
-Cells are named ``<attack>@<eps>`` (eps written as ``8/255``); with two or more attacks, each
-radius above 0 also gets ``worst@<eps>``: the per-sample worst case over those attacks.
+Cells are named ``<attack>@<eps>`` (eps written as ``8/255``); with two or more attacks of one
+norm, each radius above 0 also gets ``worst@<eps>``: the per-sample worst case over them
+(``worst-<norm>@<eps>`` when attacks of several norms are mounted).
 """
 
 from __future__ import annotations
@@ -29,18 +30,22 @@ WORST = "worst"
 
 def grid_cells(attacks: Mapping[str, Attack], eps_grid: Sequence[float]
                ) -> tuple[dict[str, Attack], dict[str, list[str]]]:
-    """``({"<name>@<eps>": attack at eps}, {"worst@<eps>": [cell names]})`` for the grid."""
-    if WORST in attacks:
-        raise ValueError(f"'{WORST}' is reserved for the worst case; rename that attack")
+    """``({"<name>@<eps>": attack at eps}, {"worst@<eps>": [cell names]})`` for the grid.
+
+    A worst case is taken only over attacks of one threat model: with attacks of several norms
+    the groups are ``worst-<norm>@<eps>``, each over that norm's attacks."""
+    if any(name.startswith(WORST) for name in attacks):
+        raise ValueError(f"attack names starting with '{WORST}' are reserved for the worst case")
+    norms = sorted({a.norm for a in attacks.values()})
     cells, worst = {}, {}
     for eps in eps_grid:
-        names = []
         for name, attack in attacks.items():
-            key = f"{name}@{format_eps(eps)}"
-            cells[key] = attack.with_eps(eps)
-            names.append(key)
-        if eps > 0 and len(names) > 1:
-            worst[f"{WORST}@{format_eps(eps)}"] = names
+            cells[f"{name}@{format_eps(eps)}"] = attack.with_eps(eps)
+        for norm in norms:
+            names = [f"{n}@{format_eps(eps)}" for n, a in attacks.items() if a.norm == norm]
+            if eps > 0 and len(names) > 1:
+                label = WORST if len(norms) == 1 else f"{WORST}-{norm}"
+                worst[f"{label}@{format_eps(eps)}"] = names
     return cells, worst
 
 

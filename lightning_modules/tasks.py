@@ -98,9 +98,6 @@ class Task:
     def score_metric(self) -> str:
         return SCORE_METRIC[self.name]
 
-    def unweighted(self) -> Task:
-        return self if self.weight is None else Task(self.name)
-
 
 def as_task(task: Task | str) -> Task:
     """A :class:`Task` from a task or its name."""

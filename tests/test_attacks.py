@@ -246,3 +246,20 @@ def test_early_stop_rules():
     torch.manual_seed(0)
     b = PGD(EPS, steps=3)(model, x, y, "multilabel")
     assert torch.equal(a, b)  # multi-label: early stop does not apply
+
+
+def test_attacks_are_immutable():
+    atk = PGD(EPS, steps=3)
+    with pytest.raises(AttributeError, match="immutable"):
+        atk.steps = 5
+    assert atk.with_eps(2 / 255).eps == pytest.approx(2 / 255) and atk.eps == pytest.approx(EPS)
+    assert atk.replace(steps=7).steps == 7 and atk.steps == 3
+
+    class MyPGD(PGD):  # a subclass without an __init__ of its own is frozen too
+        pass
+
+    mine = MyPGD(EPS)
+    with pytest.raises(AttributeError):
+        mine.steps = 99
+    with pytest.raises(AttributeError):
+        FGSM(EPS).threat = None

@@ -187,3 +187,16 @@ def test_datamodule_defaults_live_in_one_place(option):
         for base in bases:
             if key in base:
                 assert base[key] != value, f"{option}.yaml restates {key}={value!r} from its base"
+
+
+def test_worst_case_groups_one_threat_model():
+    from lightning_modules.attacks import FGSM, PGD
+    from lightning_modules.evaluation import grid_cells
+
+    cells, worst = grid_cells({"fgsm": FGSM(0), "pgd": PGD(0)}, [0, 8 / 255])
+    assert set(cells) == {"fgsm@0", "pgd@0", "fgsm@8/255", "pgd@8/255"}
+    assert worst == {"worst@8/255": ["fgsm@8/255", "pgd@8/255"]}  # none at eps 0
+    _, mixed = grid_cells({"fgsm": FGSM(0), "pgd": PGD(0), "pgd_l2": PGD(0, norm="l2"),
+                           "fgsm_l2": FGSM(0, norm="l2")}, [0.5])
+    assert mixed == {"worst-l2@0.5": ["pgd_l2@0.5", "fgsm_l2@0.5"],
+                     "worst-linf@0.5": ["fgsm@0.5", "pgd@0.5"]}

@@ -250,3 +250,8 @@ def test_fast_at_step_and_eps_warmup_scale():
         rs(model, x, y, eps_scale=1.5)
     fixed = PGD(8 / 255, steps=4, step_size="2/255")
     assert fixed.with_eps(2 / 255).step_size == pytest.approx(0.5 / 255)
+
+
+def test_mpadvt_levels_need_pgd():
+    with pytest.raises(TypeError, match="PGD"):
+        MPAdvT(FGSM(8 / 255), [{"eps": 0.1, "steps": 1}])

@@ -58,8 +58,17 @@ def test_tested_checkpoint_follows_the_defense_criterion(runs, defense, criterio
     epochs = _epochs(run)
     assert sel["criterion"] == criterion and not sel["fallback"], epochs
     assert len(epochs) == 4
+    for r in epochs:  # the selection scores are the clean and the robust score, or -1
+        eligible = float(r["val/eligible"]) == 1.0
+        assert float(r["val/sel_clean"]) == pytest.approx(
+            float(r["val/bal_acc"]) if eligible else -1.0)
+        assert float(r["val/sel_robust"]) == pytest.approx(
+            float(r["val/adv_score"]) if eligible else -1.0)
     scores = [float(r[f"val/sel_{criterion}"]) for r in epochs]
     best_epoch = int(epochs[int(np.argmax(scores))]["epoch"])
+    if defense == "none":  # built so that the two criteria disagree: the test can tell them apart
+        robust = [float(r["val/sel_robust"]) for r in epochs]
+        assert int(np.argmax(robust)) != int(np.argmax(scores)), epochs
     assert sel["epoch"] == best_epoch  # the epoch tested is the best by the criterion
     assert torch.load(sel["checkpoint"], weights_only=True)["epoch"] == best_epoch
     assert Path(sel["checkpoint"]).name.startswith(f"best-{criterion}-epoch{best_epoch:03d}")

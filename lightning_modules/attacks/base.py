@@ -70,9 +70,7 @@ class Attack:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Freeze instances at the end of the most derived ``__init__``."""
         super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
+        init = cls.__init__  # its own, or the (wrapped) inherited one
 
         @functools.wraps(init)
         def frozen_init(self, *args, **kw):

@@ -31,8 +31,7 @@ class FGSM(PGD):
         super().__init__(eps=eps, steps=1, norm=norm, random_start=False, restarts=1,
                          model_mode=model_mode, step_size_rel=1.0)
 
-    def _kwargs(self) -> dict[str, Any]:
-        return {"eps": self.eps, "norm": self.norm, "model_mode": self.model_mode}
+    _kwargs = Attack._kwargs  # FGSM takes only eps, norm and model_mode
 
     def with_eps(self, eps: float | str) -> FGSM:
         return self.replace(eps=eps)

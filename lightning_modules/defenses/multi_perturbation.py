@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..attacks import PGD
+from ..attacks import FGSM, PGD
 from ..tasks import Task, as_task
 from .base import Defense, DefenseOutput, weighted_loss
 
@@ -52,8 +52,9 @@ class MPAdvT(Defense):
         clean_weight: float = 0.0,
         name: str = "mpadvt",
     ) -> None:
-        if not isinstance(attack, PGD):
-            raise TypeError(f"defense.attack is {type(attack).__name__}, not a PGD attack")
+        if not isinstance(attack, PGD) or isinstance(attack, FGSM):
+            raise TypeError(f"defense.attack is {type(attack).__name__}: MPAdvT levels are PGD "
+                            "attacks (e.g. /attack@attack: pgd_train)")
         if not levels:
             raise ValueError("defense.levels is empty: give at least one {eps, steps}")
         if mode not in MODES:
