@@ -121,7 +121,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    chosen = choose_checkpoint(trainer, module, parts["selection"])
+    checkpoints = checkpoint_paths(trainer)  # before testing: test restores callback states
+    chosen = choose_checkpoint(trainer, checkpoints, module, parts["selection"])
     if chosen["fallback"]:
         log.warning("no epoch was eligible for selection (%s): testing the last checkpoint",
                     "; ".join(f"epoch {e}: {why}" for e, why in module.ineligible_epochs.items()))
@@ -145,8 +146,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "chance": {module.score_key: chance_level(module.task_name, module.hparams.num_classes)},
         "selection": chosen,
         "best_checkpoint": chosen["checkpoint"],  # the checkpoint tested
-        "checkpoints": checkpoint_paths(trainer),
-        "last_checkpoint": checkpoint_paths(trainer).get("last", ""),
+        "checkpoints": checkpoints,
+        "last_checkpoint": checkpoints.get("last", ""),
         "output_dir": str(out_dir),
         "skipped_images": skipped_images(datamodule),
         "wall_time_s": round(time.perf_counter() - start, 1),
@@ -169,10 +170,10 @@ def checkpoint_paths(trainer: L.Trainer) -> dict[str, str]:
     return out
 
 
-def choose_checkpoint(trainer: L.Trainer, module, criterion: str) -> dict[str, Any]:
+def choose_checkpoint(trainer: L.Trainer, paths: dict[str, str], module, criterion: str
+                      ) -> dict[str, Any]:
     """The checkpoint to test for ``criterion`` (clean | robust | last), its epoch, and whether
     it is the fallback to ``last`` because no epoch was eligible."""
-    paths = checkpoint_paths(trainer)
     path, fallback = paths.get("last", ""), False
     if criterion != "last":
         cb = next((c for c in trainer.checkpoint_callbacks
