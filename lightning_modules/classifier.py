@@ -13,16 +13,23 @@ Logged keys: ``train/loss``, ``train/{acc,...}`` (clean) and ``train/adv_{acc,..
 AUROC under ``val_attack``), ``val/adv_score_best``, and the selection scores ``val/sel_clean``
 and ``val/sel_robust`` that the checkpoint callbacks monitor (see ``selection.py``).
 Validation and test need ``Trainer(inference_mode=False)``: attacks need gradients.
+
+DDP: every epoch-level value is a torchmetrics state reduced in this module's epoch-end hooks,
+which run on every rank in the same order; nothing is logged with ``sync_dist``. A value
+logged with ``sync_dist=True`` is reduced lazily when first read, and Lightning's progress bar
+reads it on rank 0 alone at the end of the epoch: rank 0 then waits in an all-reduce while the
+other ranks wait in the next collective, and the run hangs for good.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric
 
 from .attacks import Attack, attack_mode
 from .defenses import Defense
@@ -33,6 +40,9 @@ from .tasks import Task, check_task
 from .utils import to_memory_format
 
 __all__ = ["RobustClassifier"]
+
+# Epoch-level values logged here are already reduced across ranks (see the module docstring).
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
 
 
 class RobustClassifier(L.LightningModule):
@@ -110,6 +120,7 @@ class RobustClassifier(L.LightningModule):
         self.score_key = Task(task).score_metric
         self.train_metrics = nn.ModuleDict({
             kind: build_metrics(task, num_classes) for kind in ("clean", "adv")})
+        self.train_loss = MeanMetric()
         self.evaluators = nn.ModuleDict({
             stage: RobustEvaluator(task, num_classes, {"adv": val_attack},
                                    per_class=stage == "test")
@@ -169,8 +180,9 @@ class RobustClassifier(L.LightningModule):
             self.train_metrics["clean"].update(logits_clean.detach().float(), target)
         if out.logits_adv is not None:
             self.train_metrics["adv"].update(out.logits_adv.detach().float(), target)
-        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=x.shape[0], sync_dist=True)
+        loss = out.loss.detach()
+        self.train_loss.update(loss, weight=x.shape[0])
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return out.loss
 
     def on_train_epoch_end(self) -> None:
@@ -179,6 +191,9 @@ class RobustClassifier(L.LightningModule):
             if any(m.update_count > 0 for m in coll.values()):
                 values[kind] = scalar_metrics(coll.compute())
             coll.reset()
+        if self.train_loss.update_count:
+            self.log("train/loss_epoch", self.train_loss.compute())
+        self.train_loss.reset()
         self._log_values("train", values, prog_bar=False)
 
     # --------------------------------------------------------------------------- evaluation
@@ -198,12 +213,7 @@ class RobustClassifier(L.LightningModule):
 
     def _eval_step(self, stage: str, batch) -> None:
         x, y = batch
-        out = self.evaluators[stage].update(self.net, to_memory_format(x, self.memory_format), y)
-        task = self.task
-        self.log(f"{stage}/loss", task.loss(out.clean, y).mean(), on_epoch=True,
-                 batch_size=x.shape[0], sync_dist=True)
-        self.log(f"{stage}/adv_loss", task.loss(out.adv["adv"], y).mean(), on_epoch=True,
-                 batch_size=x.shape[0], sync_dist=True)
+        self.evaluators[stage].update(self.net, to_memory_format(x, self.memory_format), y)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -217,7 +227,7 @@ class RobustClassifier(L.LightningModule):
         if values and not self.trainer.sanity_checking:
             score = values[f"val/adv_{self.score_key}"]
             self.val_score_best.update(score)
-            self.log("val/adv_score_best", self.val_score_best.compute(), sync_dist=True)
+            self.log("val/adv_score_best", self.val_score_best.compute())
             self._log_selection(values, counts)
         elif self.trainer.sanity_checking:
             self.val_score_best.reset()

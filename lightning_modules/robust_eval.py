@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchmetrics import Metric, SumMetric
+from torchmetrics import MeanMetric, Metric, SumMetric
 
 from .attacks import Attack
 from .metrics import build_metrics, scalar_metrics
@@ -94,6 +94,7 @@ class RobustEvaluator(nn.Module):
         # a ModuleList (not a ModuleDict): attack names like "pgd@8/255" are not valid keys
         self.metrics = nn.ModuleList(build_metrics(task, num_classes, per_class=per_class)
                                      for _ in self.kinds)
+        self.losses = nn.ModuleList(MeanMetric() for _ in self.kinds)  # mean per-sample loss
         self.n_images = SumMetric()
         self.clean_predictions = PredictionCounts(num_classes) \
             if self.task.single_label else None
@@ -111,18 +112,21 @@ class RobustEvaluator(nn.Module):
                                                  self.task)
         target = y.long()
         logits = {CLEAN: out.clean, **out.adv, **out.worst}
-        for kind, coll in zip(self.kinds, self.metrics, strict=True):
+        for kind, coll, loss in zip(self.kinds, self.metrics, self.losses, strict=True):
             coll.update(logits[kind].float(), target)
+            loss.update(self.task.loss(logits[kind], y).detach())
         self.n_images.update(torch.tensor(float(x.shape[0]), device=x.device))
         if self.clean_predictions is not None:
             self.clean_predictions.update(out.clean)
         return out
 
     def compute(self, class_names: list[str] | None = None) -> dict[str, dict[str, float]]:
-        """``{kind: {metric: value}}`` for ``clean``, each attack and each worst-case group
-        (reduced across ranks); kinds with no update are left out."""
-        return {kind: scalar_metrics(coll.compute(), class_names)
-                for kind, coll in zip(self.kinds, self.metrics, strict=True)
+        """``{kind: {metric: value}}`` for ``clean``, each attack and each worst-case group,
+        with the mean per-sample ``loss`` (reduced across ranks, on every rank alike: call it
+        on all ranks); kinds with no update are left out."""
+        return {kind: {**scalar_metrics(coll.compute(), class_names),
+                       "loss": float(loss.compute())}
+                for kind, coll, loss in zip(self.kinds, self.metrics, self.losses, strict=True)
                 if any(m.update_count > 0 for m in coll.values())}
 
     def count(self) -> int:
@@ -136,8 +140,9 @@ class RobustEvaluator(nn.Module):
         return self.clean_predictions.compute()
 
     def reset(self) -> None:
-        for coll in self.metrics:
+        for coll, loss in zip(self.metrics, self.losses, strict=True):
             coll.reset()
+            loss.reset()
         self.n_images.reset()
         if self.clean_predictions is not None:
             self.clean_predictions.reset()

@@ -224,6 +224,41 @@ def test_cli_ddp_sim(tmp_path):
     assert "test/adv_acc" in metrics["test"]
 
 
+def _run_group(args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    """Like :func:`_run`, in its own process group, killed whole (DDP ranks too) on timeout."""
+    import signal
+
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(args[:3])} hung for {timeout} s:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+DDP_DEBUG = {  # every debug mode, with the progress bar on (it read metrics on rank 0 alone)
+    "limit": ["trainer.max_epochs=2"],
+    "fast_dev_run": ["++trainer.fast_dev_run=true"],
+    "overfit": ["trainer.max_epochs=2", "++trainer.overfit_batches=1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", sorted(DDP_DEBUG))
+def test_cli_ddp_sim_never_hangs(tmp_path, mode):
+    fast = [o for o in CLI_FAST if "enable_progress_bar" not in o and "max_epochs" not in o]
+    proc = _run_group([str(ROOT / "train.py"), *fast, "trainer=ddp_sim", *DDP_DEBUG[mode],
+                       "trainer.enable_progress_bar=true", f"paths.log_dir={tmp_path}"],
+                      cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test metric" in proc.stdout
+
+
 @pytest.mark.slow
 def test_cli_multirun(tmp_path):
     proc = _run([str(ROOT / "train.py"), "-m", *CLI_FAST, "defense=none,pgd_at",
