@@ -100,8 +100,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                                   class_names=class_names)
     except ValueError as err:
         raise ConfigError(f"attacks: {err}") from err
+    # every image once across DDP ranks: no DistributedSampler padding with duplicates
+    datamodule.shard_eval = True
     trainer = instantiate_node(cfg, "trainer", logger=False, callbacks=[],
-                               enable_checkpointing=False)
+                               enable_checkpointing=False, use_distributed_sampler=False)
     if getattr(trainer, "_inference_mode", False):
         raise ConfigError("trainer.inference_mode must be false: attacks need gradients")
     if split == "test":

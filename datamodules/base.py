@@ -5,12 +5,13 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from .augment import seed_worker
 from .dataset import skip_none_collate
 
-__all__ = ["SplitDataModule", "SAMPLERS", "sample_weights", "balanced_class_weights"]
+__all__ = ["SplitDataModule", "SAMPLERS", "ShardSampler", "sample_weights",
+           "balanced_class_weights"]
 
 SAMPLERS = (None, "weighted")
 
@@ -59,6 +60,22 @@ def balanced_class_weights(targets: np.ndarray, num_classes: int, max_weight: fl
     return [float(v) for v in np.minimum(w, max_weight)]
 
 
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` reads samples ``r, r + w, r + 2w, ...``: across ranks every sample
+    exactly once. Unlike ``DistributedSampler`` nothing is padded with duplicates, so ranks may
+    get one sample (and one batch) more or less; fine for evaluation without per-step
+    collectives (``evaluate.py``), not for training."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, n, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class SplitDataModule(L.LightningDataModule):
     """Subclasses fill ``self.datasets`` (``train``/``val``/``test``) in ``setup``, implement
     :meth:`targets` and save ``batch_size``, ``eval_batch_size``, ``num_workers``,
@@ -74,6 +91,9 @@ class SplitDataModule(L.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()
         self.datasets: dict[str, Dataset] = {}
+        # evaluate.py sets this (with Trainer(use_distributed_sampler=False)): val/test loaders
+        # are sharded across DDP ranks without the padding duplicates of DistributedSampler
+        self.shard_eval = False
 
     def targets(self, split: str) -> np.ndarray:
         """Labels of ``split``: ``(N,)`` class indices or ``(N, K)`` multi-hot."""
@@ -104,6 +124,9 @@ class SplitDataModule(L.LightningDataModule):
         bs = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
         ds = self.datasets[split]
         sampler = self._sampler() if shuffle else None
+        trainer = self.trainer
+        if self.shard_eval and not shuffle and trainer is not None and trainer.world_size > 1:
+            sampler = ShardSampler(len(ds), trainer.global_rank, trainer.world_size)
         return DataLoader(
             ds, batch_size=bs, shuffle=shuffle and sampler is None, sampler=sampler,
             num_workers=hp.num_workers, pin_memory=hp.pin_memory,

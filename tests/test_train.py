@@ -302,11 +302,12 @@ def test_channels_last_option(train_cfg, monkeypatch, channels_last):
 
 @pytest.mark.slow
 def test_cli_evaluate_ddp_sim_matches_one_process(undefended_run, tmp_path):
-    """evaluate.py through the Trainer: two DDP processes reduce to the single-process report
-    (96 test images split evenly, so the distributed sampler adds no duplicates)."""
+    """evaluate.py through the Trainer: two DDP processes reduce to the single-process report,
+    on 97 test images (an odd count: DistributedSampler would pad with a duplicate)."""
     ckpt = undefended_run["best_checkpoint"]
     common = [str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}", "eps_grid=[0,4/255]",
               "attacks.pgd.steps=3", "trainer.enable_progress_bar=false",
+              "+datamodule.n_test=97", "+datamodule.eval_batch_size=16",
               f"paths.log_dir={tmp_path}"]
     reports = {}
     for name, extra in (("one", []), ("ddp", ["trainer=ddp_sim"])):
@@ -316,7 +317,7 @@ def test_cli_evaluate_ddp_sim_matches_one_process(undefended_run, tmp_path):
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
     one, ddp = reports["one"], reports["ddp"]
     assert (one["devices"], ddp["devices"]) == (1, 2)
-    assert one["n_images"] == ddp["n_images"] == 96
+    assert one["n_images"] == ddp["n_images"] == 97  # every image once, none twice
     assert ddp["clean"] == pytest.approx(one["clean"])
     rows = {name: {(r["attack"], r["eps_str"]): r for r in rep["results"]}
             for name, rep in reports.items()}
