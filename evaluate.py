@@ -11,7 +11,7 @@ norm); each runs at every eps of ``eps_grid``, and with two or more attacks each
 the per-sample worst case over them (``worst``). Evaluation runs through a Lightning ``Trainer``
 built from the ``trainer`` group, as training does (devices, precision, DDP, limits such as
 ``trainer.limit_test_batches``), with :class:`~lightning_modules.evaluation.EvaluationModule`.
-Report (default ``<run dir>/eval/``): ``report.json`` (RobustBench-like: clean metrics, then
+Report (default ``<run dir>/eval/<checkpoint name>/``): ``report.json`` (RobustBench-like: clean metrics, then
 per attack and epsilon), ``report.csv`` (one row per attack and epsilon), ``accuracy_vs_eps.png``
 and ``summary.md``. The row at eps=0 must equal the clean metrics (the attacks are the identity).
 """
@@ -62,8 +62,32 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return ckpt
 
 
+# A checkpoint may come from a stranger: its stored config may only build our own classes (and
+# an albumentations pipeline), never an arbitrary callable such as a file writer.
+TRUSTED_TARGETS = ("datamodules.", "lightning_modules.", "albumentations.")
+
+
+def check_targets(node: Any, where: str) -> None:
+    """Raise :class:`ConfigError` for any ``_target_`` under ``node`` outside
+    :data:`TRUSTED_TARGETS`."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(TRUSTED_TARGETS):
+            raise ConfigError(f"{where}._target_={target!r} in the checkpoint's stored config is "
+                              f"not one of this project's classes {list(TRUSTED_TARGETS)}; "
+                              "refusing to build it")
+        for key, value in node.items():
+            check_targets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_targets(value, f"{where}[{i}]")
+
+
 def build_from_checkpoint(ckpt: dict, datamodule_overrides: DictConfig | None):
-    """Rebuild the datamodule and the network (weights loaded) from a checkpoint."""
+    """Rebuild the datamodule and the network (weights loaded) from a checkpoint; only
+    trusted ``_target_`` classes are built from its stored config."""
+    for key in ("datamodule", "backbone"):
+        check_targets(ckpt["medrobust_config"].get(key), key)
     train_cfg = OmegaConf.create(ckpt["medrobust_config"])
     train_cfg.datamodule = complete_stored_config(train_cfg.datamodule)  # older checkpoints
     if datamodule_overrides:
@@ -149,8 +173,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "results": rows,
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
+    ckpt_file = Path(cfg.ckpt_path).resolve()  # one folder per checkpoint: no overwriting
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else \
-        Path(cfg.ckpt_path).resolve().parent.parent / "eval"
+        ckpt_file.parent.parent / "eval" / ckpt_file.stem
     if trainer.is_global_zero:
         write_report(report, out_dir)
     report["output_dir"] = str(out_dir)

@@ -91,9 +91,11 @@ def to_builtin(obj: Any) -> Any:
         return [to_builtin(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item):
         try:
-            return obj.item()
+            return to_builtin(obj.item())
         except (ValueError, RuntimeError):
-            return obj.tolist()
+            return to_builtin(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # NaN/inf are not JSON; null says "no number"
     return obj
 
 
@@ -102,7 +104,8 @@ def write_json(path: str | Path, data: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_builtin(data), indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(to_builtin(data), indent=2, sort_keys=False, allow_nan=False)
+                   + "\n")
     tmp.replace(path)
     return path
 

@@ -115,7 +115,7 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
                                "attacks.pgd.steps=5"], tmp_path / "ev")
     report = evaluate(cfg)
     out = Path(report["output_dir"])
-    assert out == Path(ckpt).parent.parent / "eval"
+    assert out == Path(ckpt).parent.parent / "eval" / Path(ckpt).stem  # one folder per ckpt
     for name in ("report.json", "report.csv", "accuracy_vs_eps.png", "summary.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert report["n_images"] == 96
@@ -149,6 +149,16 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     assert rep_old["clean"] == report["clean"]
     assert [r["acc"] for r in rep_old["results"] if r["attack"] == "fgsm"] == \
         [r["acc"] for r in report["results"] if r["attack"] == "fgsm"]
+    # a stranger's checkpoint whose stored config names an arbitrary callable is refused
+    evil = torch.load(ckpt, weights_only=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    evil["medrobust_config"]["datamodule"]["augmentation"] = {
+        "_target_": "pathlib.Path.write_text", "self": str(victim), "data": ""}
+    torch.save(evil, tmp_path / "evil.ckpt")
+    with pytest.raises(ConfigError, match="pathlib.Path.write_text"):
+        evaluate(compose_cfg("eval", [f"ckpt_path={tmp_path / 'evil.ckpt'}"], tmp_path / "eve"))
+    assert victim.read_text() == "keep me"
     # the same engine as the training run's test: PGD-10 at 8/255 reproduces its numbers
     cfg10 = compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[8/255]",
                                  "~attacks.fgsm", "attacks.pgd.steps=10",
@@ -163,6 +173,8 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
 
 @pytest.mark.parametrize("override, match", [
     ("threat.eps=-0.1", "eps"),
+    ("threat.eps=8", "8/255"),
+    ("threat.eps=inf", "finite"),
     ("defense.attacks.pgd.steps=0", "steps"),
     ("attack.steps=0", "steps"),
     ("backbone=timm", None),
@@ -203,7 +215,7 @@ def test_cli_train_then_evaluate(tmp_path):
     proc = _run([str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}", "trainer.limit_test_batches=1",
                  "attacks.pgd.steps=3", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (ckpt.parent.parent / "eval" / "report.json").is_file()
+    assert (ckpt.parent.parent / "eval" / "last" / "report.json").is_file()
 
 
 @pytest.mark.slow
@@ -325,3 +337,13 @@ def test_cli_evaluate_ddp_sim_matches_one_process(undefended_run, tmp_path):
     for key, row in rows["one"].items():  # FGSM is deterministic; PGD starts at random
         tol = 1e-6 if key[0] == "fgsm" or key[1] == "0" else 0.05
         assert rows["ddp"][key]["acc"] == pytest.approx(row["acc"], abs=tol), key
+
+
+def test_metrics_json_is_valid_json_with_nan(tmp_path):
+    """NaN/inf become null: metrics.json stays valid JSON (strict parsers reject NaN)."""
+    from lightning_modules.utils import write_json
+
+    path = write_json(tmp_path / "m.json", {"a": float("nan"), "b": torch.tensor(float("inf")),
+                                            "c": [1.0, float("-inf")], "d": 0.5})
+    data = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert data == {"a": None, "b": None, "c": [1.0, None], "d": 0.5}

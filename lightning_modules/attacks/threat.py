@@ -35,8 +35,8 @@ def parse_eps(value: float | int | str, name: str = "eps") -> float:
             out = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{name}={value!r} is not a number") from None
-    if out != out or out < 0:  # NaN or negative
-        raise ValueError(f"{name}={value!r} must be >= 0 (pixel units in [0, 1])")
+    if out != out or out < 0 or out == float("inf"):  # NaN, negative or infinite
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0 (pixel units in [0, 1])")
     return out
 
 
@@ -71,6 +71,12 @@ class LinfBall(ThreatModel):
     """L-inf ball: ``||x_adv - x||_inf <= eps``; steps follow the gradient's sign."""
 
     norm = "linf"
+
+    def __init__(self, eps: float | str) -> None:
+        super().__init__(eps)
+        if self.eps > 1:  # pixels live in [0, 1]: eps=8 is a typo for 8/255
+            raise ValueError(f"eps={eps!r} is above 1: L-inf eps is in [0, 1] pixel units "
+                             "(write 8/255, not 8)")
 
     def random_init(self, x: torch.Tensor) -> torch.Tensor:
         noise = torch.empty_like(x).uniform_(-self.eps, self.eps)
