@@ -38,6 +38,7 @@ from lightning_modules.utils import (
 )
 
 log = logging.getLogger("medrobust.train")
+THREAT_KEYS = {"norm", "eps", "train_steps"}
 register_resolvers()
 
 
@@ -47,6 +48,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     Every piece of bad input (missing data, unknown backbone, eps < 0, ...) raises
     :class:`ConfigError` here, before any training starts.
     """
+    unknown = sorted(set(cfg.get("threat") or {}) - THREAT_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) threat.{unknown[0]} (of {unknown}); the threat model "
+                          f"has {sorted(THREAT_KEYS)}")
     datamodule = instantiate_node(cfg, "datamodule")
     fill_from_data(cfg, datamodule)
     net = instantiate_node(cfg, "backbone")

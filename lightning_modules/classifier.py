@@ -37,7 +37,7 @@ from .metrics import build_metrics, scalar_metrics
 from .robust_eval import RobustEvaluator
 from .selection import INELIGIBLE, eligibility
 from .tasks import Task, check_task
-from .utils import to_memory_format
+from .utils import ConfigError, to_memory_format
 
 __all__ = ["RobustClassifier"]
 
@@ -192,7 +192,13 @@ class RobustClassifier(L.LightningModule):
                 values[kind] = scalar_metrics(coll.compute())
             coll.reset()
         if self.train_loss.update_count:
-            self.log("train/loss_epoch", self.train_loss.compute())
+            loss = self.train_loss.compute()  # the same value on every rank
+            if not torch.isfinite(loss):
+                raise ConfigError(
+                    f"training diverged: train/loss is {float(loss)} in epoch "
+                    f"{self.current_epoch}; lower module.optimizer.lr (checkpoints written "
+                    "so far are kept)")
+            self.log("train/loss_epoch", loss)
         self.train_loss.reset()
         self._log_values("train", values, prog_bar=False)
 

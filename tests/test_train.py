@@ -175,6 +175,7 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     ("threat.eps=-0.1", "eps"),
     ("threat.eps=8", "8/255"),
     ("threat.eps=inf", "finite"),
+    ("+threat.epz=0.1", "threat.epz"),
     ("defense.attacks.pgd.steps=0", "steps"),
     ("attack.steps=0", "steps"),
     ("backbone=timm", None),
@@ -347,3 +348,8 @@ def test_metrics_json_is_valid_json_with_nan(tmp_path):
                                             "c": [1.0, float("-inf")], "d": 0.5})
     data = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert data == {"a": None, "b": None, "c": [1.0, None], "d": 0.5}
+
+
+def test_diverged_training_stops_with_one_line(train_cfg):
+    with pytest.raises(ConfigError, match="training diverged.*module.optimizer.lr"):
+        train(train_cfg("defense=none", "module.optimizer.lr=1e30", "trainer.max_epochs=3"))
