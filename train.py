@@ -252,11 +252,38 @@ def _finish_wandb() -> None:
             wandb.finish()
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _train_one_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """One job of a multirun: its error is written to ``error.txt`` in its folder and logged,
+    and the sweep goes on (the sweep summary lists it)."""
+    try:
+        return train(cfg)
+    except Exception as err:  # noqa: BLE001 - one job's failure must not stop the sweep
+        line = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+        log.exception("job failed: %s", line)
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.txt").write_text(line.splitlines()[0] if line else type(err).__name__)
+        print(f"medrobust: error: {line}", file=sys.stderr, flush=True)
+        return None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        with exit_on_config_error(log):
-            metrics = train(cfg)
+        if _in_multirun():
+            metrics = _train_one_job(cfg)
+            if metrics is None:
+                return None
+        else:
+            with exit_on_config_error(log):
+                metrics = train(cfg)
     finally:
         _finish_wandb()
     key = cfg.get("optimized_metric")

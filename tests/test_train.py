@@ -274,13 +274,25 @@ def test_cli_ddp_sim_never_hangs(tmp_path, mode):
 
 @pytest.mark.slow
 def test_cli_multirun(tmp_path):
+    """A sweep whose middle job has a config error: the others still run, and the sweep writes
+    one summary that lists every job, the failed one with its error line."""
     proc = _run([str(ROOT / "train.py"), "-m", *CLI_FAST, "defense=none,pgd_at",
-                 f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+                 "threat.eps=2/255,-1/255", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(tmp_path.glob("train/multiruns/*/*/metrics.json"))
     assert len(files) == 2
     defenses = {json.loads(f.read_text())["defense"]["defense"] for f in files}
     assert defenses == {"none", "pgd_at"}
+    sweep = next(tmp_path.glob("train/multiruns/*"))
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 4
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 2 and all("eps" in r["error"] for r in failed)
+    assert all("threat.eps=-1/255" in r["overrides"] for r in failed)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["defense"] for r in ok} == {"none", "pgd_at"}
+    assert all(0 <= float(r["test/adv_acc"]) <= 1 and r["selected_by"] for r in ok)
+    assert "4 jobs, 2 failed." in (sweep / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
