@@ -2,7 +2,7 @@
 
 Registered in ``conf/hydra/default.yaml``; at the end of ``python train.py -m ...`` it reads every
 job folder of the sweep and writes ``summary.csv`` and ``summary.md`` beside them. A job row
-holds its overrides, its status (``ok`` or ``failed``, with the error line ``train.py`` wrote to
+holds the overrides that differ between jobs (those common to all are listed once), its status (``ok`` or ``failed``, with the error line ``train.py`` wrote to
 ``error.txt``), the tested checkpoint's criterion and epoch, clean and robust test metrics
 and the wall time.
 """
@@ -27,10 +27,14 @@ COLUMNS = ["job", "overrides", "status", "defense", "selected_by", "epoch", "tes
            "wall_time_s", "error"]
 
 
-def _job_row(job_dir: Path) -> dict[str, Any]:
-    overrides_file = job_dir / ".hydra" / "overrides.yaml"
-    overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
-    row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(map(str, overrides))}
+def _overrides(job_dir: Path) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def _job_row(job_dir: Path, common: set[str]) -> dict[str, Any]:
+    own = [o for o in _overrides(job_dir) if o not in common]
+    row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(own)}
     metrics_file, error_file = job_dir / "metrics.json", job_dir / "error.txt"
     if metrics_file.is_file():
         m = json.loads(metrics_file.read_text())
@@ -51,20 +55,23 @@ def summarise_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     jobs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and (d / ".hydra").is_dir()),
                   key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0,
                                  d.name))
-    rows = [_job_row(d) for d in jobs]
+    per_job = [set(_overrides(d)) for d in jobs]
+    common = set.intersection(*per_job) if per_job else set()
+    rows = [_job_row(d, common) for d in jobs]
     columns = [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
     with (sweep_dir / "summary.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
-    def cell(value: Any) -> str:
+    def cell(column: str, value: Any) -> str:
         if isinstance(value, float):
-            return f"{value:.4f}"
+            return f"{value:.1f}" if column == "wall_time_s" else f"{value:.4f}"
         return "" if value is None else str(value).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines = [f"Sweep {sweep_dir}", "", "Common overrides: `" + " ".join(sorted(common)) + "`", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c, r.get(c)) for c in columns) + " |" for r in rows]
     failed = sum(r["status"] == "failed" for r in rows)
     lines += ["", f"{len(rows)} jobs, {failed} failed."]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
