@@ -193,3 +193,58 @@ def corrupt(path: Path, truncate: bool = True) -> None:
     """Truncate an image file to a third (or overwrite it with junk)."""
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3] if truncate else b"not an image at all")
+
+
+def write_isic2016(root: Path, n_train: int = 40, n_test: int = 12, seed: int = 0) -> Path:
+    """ISBI2016_ISIC_Part3_{Training,Test}_Data/ + the two ground-truth CSVs as published: no
+    header, CRLF, training labels ``benign``/``malignant``, test labels ``0.0``/``1.0``."""
+    rng = np.random.default_rng(seed)
+    counter = iter(range(10**7))
+    for split, n in (("Training", n_train), ("Test", n_test)):
+        folder = root / f"ISBI2016_ISIC_Part3_{split}_Data"
+        folder.mkdir(parents=True)
+        rows = []
+        for k in range(n):
+            label = int(k % 3 == 0)  # about a third malignant, as in the release (~20%)
+            image_id = f"ISIC_{next(counter):07d}"
+            _image(rng, label).save(folder / f"{image_id}.jpg")
+            text = ("malignant" if label else "benign") if split == "Training" else f"{label:.1f}"
+            rows.append(f"{image_id},{text}\r\n")
+        (root / f"ISBI2016_ISIC_Part3_{split}_GroundTruth.csv").write_bytes("".join(rows).encode())
+    return root
+
+
+MESSIDOR_BASES = ("Base11", "Base12", "Base13", "Base21", "Base22", "Base23", "Base31", "Base32")
+
+
+def write_messidor(root: Path, per_base: int = 8, xlsx_bases: int = 1, seed: int = 0) -> Path:
+    """``Base*/`` folders of ``.tif`` fundus images, each with ``Annotation_Base*.xls`` as
+    released (the last ``xlsx_bases`` as ``.xlsx``); the released columns, including the
+    trailing space of ``Risk of macular edema ``."""
+    import xlwt
+
+    rng = np.random.default_rng(seed)
+    for b, base in enumerate(MESSIDOR_BASES):
+        folder = root / base
+        folder.mkdir(parents=True)
+        rows = []
+        for k in range(per_base):
+            grade = k % 4
+            name = f"2005{b:02d}{k:02d}_{38557 + 100 * b + k}_0100_PP.tif"
+            _image(rng, grade, size=(24, 20)).save(folder / name)
+            rows.append((name, f"Service Ophtalmologie {b // 3 + 1}", grade, k % 3))
+        columns = ("Image name", "Ophthalmologic department", "Retinopathy grade",
+                   "Risk of macular edema ")
+        if b >= len(MESSIDOR_BASES) - xlsx_bases:
+            pd.DataFrame(rows, columns=columns).to_excel(folder / f"Annotation_{base}.xlsx",
+                                                         index=False)
+            continue
+        book = xlwt.Workbook()
+        sheet = book.add_sheet("Feuil1")
+        for c, col in enumerate(columns):
+            sheet.write(0, c, col)
+        for r, row in enumerate(rows, start=1):
+            for c, value in enumerate(row):
+                sheet.write(r, c, value)
+        book.save(str(folder / f"Annotation_{base}.xls"))
+    return root
