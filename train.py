@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.base import balanced_class_weights
+from lightning_modules.backbones import check_input_size
 from lightning_modules.selection import CRITERIA, INELIGIBLE, chance_level
 from lightning_modules.utils import (
     ConfigError,
@@ -55,6 +56,14 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate_node(cfg, "datamodule")
     fill_from_data(cfg, datamodule)
     net = instantiate_node(cfg, "backbone")
+    size, chans = cfg.datamodule.get("image_size"), getattr(datamodule, "in_chans", None)
+    if size and chans:
+        try:
+            check_input_size(net, int(chans), int(size))
+        except ValueError as err:
+            raise ConfigError(f"backbone ({cfg.backbone.get('_target_')}"
+                              f"{', ' + str(cfg.backbone.name) if 'name' in cfg.backbone else ''})"
+                              f": {err}") from err
     defense, selection = build_defense(cfg)
     val_attack = instantiate_node(cfg, "attack")
     module = instantiate_node(

@@ -1,4 +1,5 @@
-"""Backbones: a small CNN (the skin-cancer study's kind of model) and any timm model by name.
+"""Backbones: a small CNN (the skin-cancer study's kind of model), the attention-guided VGG of
+the dermoscopy task (:mod:`.attn_vgg`) and any timm model by name.
 
 Every backbone is wrapped in :class:`NormalizedModel`, so the model takes images in [0, 1] and
 normalisation (mean/std per channel) happens inside it: epsilon means the same thing for every
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["NormalizedModel", "SmallCNN", "small_cnn", "timm_model"]
+__all__ = ["NormalizedModel", "SmallCNN", "attn_vgg", "check_input_size", "small_cnn", "timm_model"]
 
 
 class NormalizedModel(nn.Module):
@@ -133,3 +134,35 @@ def _check_shape_args(num_classes: int, in_chans: int) -> None:
         raise ValueError(f"num_classes={num_classes} must be >= 1")
     if int(in_chans) < 1:
         raise ValueError(f"in_chans={in_chans} must be >= 1")
+
+
+def attn_vgg(num_classes: int, in_chans: int = 3, width: int = 64,
+             attn_chans: int | None = None, normalize_attn: bool = True, dropout: float = 0.0,
+             weights_path: str | None = None, mean: Sequence[float] = (0.485, 0.456, 0.406),
+             std: Sequence[float] = (0.229, 0.224, 0.225)) -> NormalizedModel:
+    """The attention-guided VGG-16-BN of Yan et al. (IPMI 2019), behind a normaliser; see
+    :mod:`lightning_modules.attn_vgg`. ``weights_path``: a local ``vgg16_bn`` state dict for the
+    convolutional part (``width`` 64); nothing is downloaded."""
+    from .attn_vgg import AttnVGG, load_vgg16_bn_features
+
+    _check_shape_args(num_classes, in_chans)
+    net = AttnVGG(num_classes, in_chans, width, attn_chans, normalize_attn, dropout)
+    if weights_path:
+        load_vgg16_bn_features(net, weights_path)
+    return NormalizedModel(net, mean, std, in_chans)
+
+
+@torch.no_grad()
+def check_input_size(net: nn.Module, in_chans: int, image_size: int) -> None:
+    """One forward pass of a blank ``image_size`` image in eval mode (modes restored): a model
+    that cannot take that size (e.g. Inception-v3 below 75 px) fails here, with one line."""
+    training = net.training
+    net.eval()
+    try:
+        device = next((p.device for p in net.parameters()), torch.device("cpu"))
+        net(torch.zeros(1, in_chans, image_size, image_size, device=device))
+    except RuntimeError as err:
+        raise ValueError(f"the backbone cannot take {image_size}x{image_size} images "
+                         f"(datamodule.image_size): {str(err).splitlines()[0]}") from err
+    finally:
+        net.train(training)

@@ -44,6 +44,26 @@ def _dataset_fixture(option: str, root) -> list[str]:
     if option == "csv":
         return [f"datamodule.data_dir={layouts.write_csv_dataset(root / option)}",
                 "datamodule.csv_file=labels.csv", "datamodule.label_column=diagnosis", *small]
+    if option == "isic2016":
+        return [f"datamodule.data_dir={layouts.write_isic2016(root / option)}"]
+    if option == "messidor":
+        return [f"datamodule.data_dir={layouts.write_messidor(root / option)}"]
+    return []
+
+
+def experiment_fixture(option: str, root) -> list[str]:
+    """Overrides that point the ``option`` experiment preset at a fixture in its layout, at the
+    smallest image size its backbone takes (HAM10000 presets: see ``ham_dir``)."""
+    from tests import layouts
+
+    if option.startswith("pneumonia"):
+        return [f"datamodule.data_dir={layouts.write_pneumonia(root / option)}"]
+    if option == "xu2021_isic2016":
+        return [*_dataset_fixture("isic2016", root), "datamodule.image_size=32"]
+    if option == "xu2021_messidor":
+        return [*_dataset_fixture("messidor", root), "datamodule.image_size=75"]
+    if option == "xu2021_chestxray14":
+        return [*_dataset_fixture("chestxray14", root), "datamodule.image_size=32"]
     return []
 
 
@@ -54,12 +74,12 @@ def _extra(group: str, option: str, ham_dir) -> list[str]:
         extra.append(f"datamodule.data_dir={ham_dir}")
     elif group == "datamodule":
         extra += _dataset_fixture(option, ham_dir.parent)
-    if group == "experiment" and option == "pneumonia_xray":
-        from tests import layouts
-
-        extra.append(f"datamodule.data_dir={layouts.write_pneumonia(ham_dir.parent / option)}")
+    elif group == "experiment":
+        extra += experiment_fixture(option, ham_dir.parent)
     if group == "experiment":
         extra.append("datamodule.num_workers=0")
+    if group == "backbone" and option == "inception_v3":
+        extra.append("datamodule.image_size=75")  # its smallest input
     if group == "trainer" and option in ("gpu", "ddp") and not torch.cuda.is_available():
         # the GPU presets compose as written; only their device is swapped to build here
         extra += ["trainer.accelerator=cpu", "trainer.devices=1"]
@@ -79,7 +99,8 @@ def test_option_composes_and_builds(group, option, tmp_path, ham_dir, monkeypatc
     module = parts["module"]
     assert isinstance(module.defense, Defense) and isinstance(module.val_attack, Attack)
     dm = parts["datamodule"]
-    x = torch.rand(2, dm.in_chans, 32, 32)
+    size = max(32, int(cfg.datamodule.get("image_size") or 32))
+    x = torch.rand(2, dm.in_chans, size, size)
     assert module.net(x).shape == (2, dm.num_classes)
     if "wandb" in option or option == "many_loggers":
         import wandb
@@ -200,3 +221,40 @@ def test_worst_case_groups_one_threat_model():
                            "fgsm_l2": FGSM(0, norm="l2")}, [0.5])
     assert mixed == {"worst-l2@0.5": ["pgd_l2@0.5", "fgsm_l2@0.5"],
                      "worst-linf@0.5": ["fgsm@0.5", "pgd@0.5"]}
+
+
+EXPERIMENTS = options("experiment")
+
+
+@pytest.mark.parametrize("preset", EXPERIMENTS)
+def test_every_experiment_preset_trains_a_few_batches(preset, tmp_path, ham_dir):
+    """Each study preset, as written (its datamodule, backbone, defense), on a fixture in its
+    dataset's layout: one epoch of 2 batches, adversarial validation and test on one batch
+    (one-step attacks: DenseNet-121 and Inception-v3 take seconds per step on a CPU)."""
+    from train import train
+
+    overrides = [f"experiment={preset}", *_extra("experiment", preset, ham_dir),
+                 "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                 "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                 "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+                 "trainer.accelerator=cpu", "datamodule.batch_size=4",
+                 "datamodule.eval_batch_size=4", "print_summary=false", "logger=csv",
+                 "attack.steps=1", "threat.train_steps=1"]  # the big backbones cost seconds a step
+    if "image_size" not in " ".join(overrides):
+        overrides.append("datamodule.image_size=32")
+    if preset == "synthetic_multilabel":
+        overrides += ["datamodule.n_train=16", "datamodule.n_val=8", "datamodule.n_test=8"]
+    result = train(compose_cfg("train", overrides, tmp_path / "run"))
+    for key in ("test/acc", "test/adv_acc"):
+        assert 0 <= result["test"][key] <= 1, result["test"]
+
+
+@pytest.mark.parametrize("preset", [p for p in EXPERIMENTS if p.startswith(("xu2021", "pneumonia"))])
+@pytest.mark.parametrize("arm", ["none", "mpadvt_released", "maadvt", "pgd_at"])
+def test_study_presets_build_with_every_arm_of_their_sweep(preset, arm, tmp_path, ham_dir):
+    cfg = compose_cfg("train", [f"experiment={preset}", f"defense={arm}",
+                                *_extra("experiment", preset, ham_dir)], tmp_path)
+    defense, _ = build_defense(cfg)
+    assert isinstance(defense, Defense) and defense.name == arm
+    if arm == "mpadvt_released":
+        assert defense.mode == "released" and defense.attack.step_size == pytest.approx(1 / 255)

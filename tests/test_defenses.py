@@ -155,6 +155,7 @@ def test_maadvt_multilabel_per_finding_weights():
     lambda: MPAdvT(TRAIN_PGD, [{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}]),
     lambda: MPAdvT(TRAIN_PGD, [{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}],
                    mode="all_levels", clean_weight=0.3),
+    lambda: MPAdvT(TRAIN_PGD, [], mode="released", p_adv=1.0, steps_max=2),
     lambda: AdversarialTraining({"n": NFGSM(8 / 255)}),
 ])
 def test_defense_loss_finite_and_differentiable(make, task):
@@ -255,3 +256,59 @@ def test_fast_at_step_and_eps_warmup_scale():
 def test_mpadvt_levels_need_pgd():
     with pytest.raises(TypeError, match="PGD"):
         MPAdvT(FGSM(8 / 255), [{"eps": 0.1, "steps": 1}])
+
+
+def _released(**kw):
+    return MPAdvT(TRAIN_PGD.replace(random_start=False), [], mode="released",
+                  **{"eps_min": "1/255", "eps_max": "8/255", "steps_max": 5, **kw})
+
+
+def test_mpadvt_released_draws():
+    """mode=released: adversarial with probability p_adv, eps ~ U[eps_min, eps_max],
+    steps ~ U{1..steps_max}."""
+    g = torch.Generator().manual_seed(0)
+    d = _released(p_adv=0.3)
+    draws = [d.draw_batch(g) for _ in range(20000)]
+    adv = torch.tensor([a for a, _, _ in draws], dtype=torch.float)
+    eps = torch.tensor([e for _, e, _ in draws]) * 255
+    steps = torch.tensor([s for _, _, s in draws])
+    assert abs(adv.mean() - 0.3) < 0.015
+    assert eps.min() >= 1 and eps.max() <= 8 and abs(eps.mean() - 4.5) < 0.05
+    assert abs(((eps - 1) / 7).var() - 1 / 12) < 0.005  # uniform
+    freq = torch.bincount(steps, minlength=6).float() / len(steps)
+    assert freq[0] == 0 and torch.allclose(freq[1:], torch.full((5,), 0.2), atol=0.015)
+    assert all(not a for a, _, _ in (_released(p_adv=0.0).draw_batch(g) for _ in range(200)))
+
+
+def test_mpadvt_released_batch_is_pgd_with_the_drawn_radius_and_steps(monkeypatch):
+    torch.manual_seed(0)
+    model = small_cnn(3, width=4).eval()
+    x, y = torch.rand(16, 3, 12, 12) * 0.5 + 0.25, torch.randint(0, 3, (16,))
+    d = _released()
+    orig_forward = model.forward
+    calls = []
+    model.forward = lambda inp: (calls.append(inp), orig_forward(inp))[1]
+    monkeypatch.setattr(d, "draw_batch", lambda generator=None: (True, 8 / 255, 3))
+    out = d(model, x, y, "multiclass")
+    assert len(calls) == 3 + 1 and out.logits_adv is not None and out.logits_clean is None
+    linf = (calls[-1] - x).abs().flatten(1).max(1).values
+    assert torch.allclose(linf, torch.full_like(linf, 3 / 255), atol=1e-6)  # 3 steps of 1/255
+    monkeypatch.setattr(d, "draw_batch", lambda generator=None: (True, 2 / 255, 5))
+    calls.clear()
+    d(model, x, y, "multiclass")
+    assert len(calls) == 6
+    assert ((calls[-1] - x).abs().max() <= 2 / 255 + 1e-6)  # projected to the drawn radius
+    monkeypatch.setattr(d, "draw_batch", lambda generator=None: (False, 8 / 255, 5))
+    calls.clear()
+    out = d(model, x, y, "multiclass")
+    assert len(calls) == 1 and calls[0] is x and out.logits_adv is None
+    assert torch.allclose(out.loss, F.cross_entropy(orig_forward(x), y))
+
+
+def test_mpadvt_released_bad_config():
+    with pytest.raises(ValueError, match="p_adv"):
+        _released(p_adv=1.5)
+    with pytest.raises(ValueError, match="eps_min"):
+        _released(eps_min="9/255")
+    with pytest.raises(ValueError, match="steps_max"):
+        _released(steps_max=0)

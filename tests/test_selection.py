@@ -103,7 +103,7 @@ def test_selection_override_and_bad_value(train_cfg):
 
 def test_group_pattern_keeps_each_patient_in_one_split(tmp_path):
     root = layouts.write_pneumonia(tmp_path / "kermany", patients=30)
-    cfg = compose_cfg("train", ["experiment=pneumonia_xray", f"datamodule.data_dir={root}"],
+    cfg = compose_cfg("train", ["experiment=pneumonia_kermany", f"datamodule.data_dir={root}"],
                       tmp_path / "run")
     options = {k: v for k, v in cfg.datamodule.items() if k != "_target_"}
     dm = from_config("folder", **{**options, "num_workers": 0, "val_fraction": 0.3})
