@@ -136,7 +136,7 @@ class SyntheticDataModule(SplitDataModule):
         signal_amplitude: float,
         noise_std: float,
         seed: int,
-        colour_amplitude: float = 0.0,
+        colour_amplitude: float,
         batch_size: int,
         eval_batch_size: int | None,
         num_workers: int,
