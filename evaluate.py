@@ -5,7 +5,7 @@
     python evaluate.py ckpt_path=... trainer=ddp trainer.devices=4 trainer.precision=bf16-mixed
 
 The checkpoint carries the resolved training config (data, backbone, task), so nothing else is
-needed; ``datamodule.*`` keys here override the stored ones (e.g. another ``data_dir``). The
+needed; ``+datamodule.*`` keys here override the stored ones (e.g. another ``data_dir``). The
 attacks are the ``conf/attack`` nodes mounted under ``attacks`` (``threat.norm`` sets their
 norm); each runs at every eps of ``eps_grid``, and with two or more attacks each radius also gets
 the per-sample worst case over them (``worst``). Evaluation runs through a Lightning ``Trainer``
