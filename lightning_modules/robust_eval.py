@@ -65,6 +65,12 @@ class PredictionCounts(Metric):
         return self.counts
 
 
+def predictions(logits: torch.Tensor, task: Task) -> torch.Tensor:
+    """Predicted class ``(N,)`` (single-label) or predicted findings ``(N, K)`` at logit 0
+    (probability 0.5; multi-label)."""
+    return logits.argmax(dim=1) if task.single_label else logits > 0
+
+
 class RobustEvaluator(nn.Module):
     """Clean, adversarial and worst-case metrics of a model over batches.
 
@@ -95,6 +101,9 @@ class RobustEvaluator(nn.Module):
         self.metrics = nn.ModuleList(build_metrics(task, num_classes, per_class=per_class)
                                      for _ in self.kinds)
         self.losses = nn.ModuleList(MeanMetric() for _ in self.kinds)  # mean per-sample loss
+        # share of images whose prediction the attack changed (single-label: the argmax;
+        # multi-label: the set of predicted findings), as Xu et al. report beside accuracy
+        self.fooling = nn.ModuleList(MeanMetric() for _ in self.kinds)
         self.n_images = SumMetric()
         self.clean_predictions = PredictionCounts(num_classes) \
             if self.task.single_label else None
@@ -112,9 +121,14 @@ class RobustEvaluator(nn.Module):
                                                  self.task)
         target = y.long()
         logits = {CLEAN: out.clean, **out.adv, **out.worst}
-        for kind, coll, loss in zip(self.kinds, self.metrics, self.losses, strict=True):
+        clean_pred = predictions(out.clean, self.task)
+        for kind, coll, loss, fool in zip(self.kinds, self.metrics, self.losses, self.fooling,
+                                          strict=True):
             coll.update(logits[kind].float(), target)
             loss.update(self.task.loss(logits[kind], y).detach())
+            if kind != CLEAN:
+                changed = predictions(logits[kind], self.task) != clean_pred
+                fool.update((changed if changed.dim() == 1 else changed.any(dim=1)).float())
         self.n_images.update(torch.tensor(float(x.shape[0]), device=x.device))
         if self.clean_predictions is not None:
             self.clean_predictions.update(out.clean)
@@ -125,8 +139,10 @@ class RobustEvaluator(nn.Module):
         with the mean per-sample ``loss`` (reduced across ranks, on every rank alike: call it
         on all ranks); kinds with no update are left out."""
         return {kind: {**scalar_metrics(coll.compute(), class_names),
-                       "loss": float(loss.compute())}
-                for kind, coll, loss in zip(self.kinds, self.metrics, self.losses, strict=True)
+                       "loss": float(loss.compute()),
+                       **({"fooling_rate": float(fool.compute())} if fool.update_count else {})}
+                for kind, coll, loss, fool in zip(self.kinds, self.metrics, self.losses,
+                                                  self.fooling, strict=True)
                 if any(m.update_count > 0 for m in coll.values())}
 
     def count(self) -> int:
@@ -140,9 +156,10 @@ class RobustEvaluator(nn.Module):
         return self.clean_predictions.compute()
 
     def reset(self) -> None:
-        for coll, loss in zip(self.metrics, self.losses, strict=True):
+        for coll, loss, fool in zip(self.metrics, self.losses, self.fooling, strict=True):
             coll.reset()
             loss.reset()
+            fool.reset()
         self.n_images.reset()
         if self.clean_predictions is not None:
             self.clean_predictions.reset()

@@ -270,3 +270,77 @@ def test_attacks_are_immutable():
         mine.steps = 99
     with pytest.raises(AttributeError):
         FGSM(EPS).threat = None
+
+
+def test_margin_loss_formula():
+    from lightning_modules.attacks.pgd import margin_loss
+
+    logits = torch.tensor([[2.0, 0.5, 1.0], [0.0, 3.0, -1.0]])
+    assert torch.allclose(margin_loss(logits, torch.tensor([0, 0])), torch.tensor([-1.0, 3.0]))
+
+
+@pytest.mark.parametrize("kw", [{"loss": "margin"}, {"targeted": "random"},
+                                {"targeted": "least_likely", "loss": "margin"}])
+def test_margin_and_targeted_pgd_stay_in_the_ball_and_hurt(trained_model, kw):
+    model, x, y = trained_model
+    atk = PGD(eps=8 / 255, steps=20, **kw)
+    torch.manual_seed(0)
+    x_adv = atk(model, x, y)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean()
+        adv = (model(x_adv).argmax(1) == y).float().mean()
+    assert adv < clean - 0.1
+    assert atk.describe()[next(iter(kw))] == next(iter(kw.values()))
+    assert PGD(**kw).replace(eps=0.1).describe() == PGD(eps=0.1, **kw).describe()
+
+
+@pytest.mark.parametrize("how", ["random", "least_likely"])
+def test_targeted_pgd_hits_its_target_more_often_than_chance(trained_model, how):
+    """4 classes: a random wrong class is hit with probability 1/3 by chance; the targeted
+    attack hits the target it drew far more often, with or without early stop."""
+    from lightning_modules.attacks.pgd import draw_targets
+
+    model, x, y = trained_model
+    for early_stop in (False, True):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            target = draw_targets(model(x), y, how)  # the draw the attack makes, same seed
+        assert (target != y).float().mean() > 0.9
+        torch.manual_seed(1)
+        x_adv = PGD(eps=16 / 255, steps=20, targeted=how, early_stop=early_stop)(model, x, y)
+        with torch.no_grad():
+            hit = (model(x_adv).argmax(1) == target).float().mean().item()
+        assert hit > 0.6, (how, early_stop, hit)
+
+
+def test_margin_and_targeted_refuse_multilabel():
+    model = torch.nn.Linear(3 * 8 * 8, 4)
+    net = torch.nn.Sequential(torch.nn.Flatten(), model)
+    with pytest.raises(ValueError, match="single-label"):
+        PGD(eps=0.1, steps=1, loss="margin")(net, torch.rand(2, 3, 8, 8), torch.ones(2, 4),
+                                             "multilabel")
+    with pytest.raises(ValueError, match="targeted"):
+        PGD(targeted="closest")
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_fooling_rate_is_the_share_of_changed_predictions(trained_model, task):
+    """Every attack's report has ``fooling_rate``: the share of images whose prediction the
+    attack changed (argmax; multi-label: any finding flipped at probability 0.5)."""
+    from lightning_modules.robust_eval import RobustEvaluator
+
+    model, x, y = trained_model
+    if task == "multilabel":
+        y = torch.nn.functional.one_hot(y, 4).float()
+    evaluator = RobustEvaluator(task, 4, {"pgd": PGD(eps=8 / 255, steps=5)})
+    torch.manual_seed(0)
+    out = evaluator.update(model, x, y)
+    result = evaluator.compute()
+    clean, adv = out.clean, out.adv["pgd"]
+    if task == "multiclass":
+        expected = (clean.argmax(1) != adv.argmax(1)).float().mean()
+    else:
+        expected = ((clean > 0) != (adv > 0)).any(dim=1).float().mean()
+    assert result["pgd"]["fooling_rate"] == pytest.approx(float(expected))
+    assert 0 < result["pgd"]["fooling_rate"] <= 1 and "fooling_rate" not in result["clean"]

@@ -1,6 +1,8 @@
 """PGD: Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards Deep Learning Models Resistant to
-Adversarial Attacks", ICLR 2018; L-inf and L2, random restarts, early stop for evaluation.
-The call contract is in :mod:`.base`."""
+Adversarial Attacks", ICLR 2018; L-inf and L2, random restarts, early stop for evaluation; the
+task's loss or the margin (C&W) loss of Carlini & Wagner (S&P 2017); untargeted or targeted
+(a random other class, or the least likely clean class). The call contract is in
+:mod:`.base`."""
 
 from __future__ import annotations
 
@@ -9,14 +11,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tasks import LossFn, Task
+from ..tasks import LossFn, Task, cross_entropy_per_sample
 from .base import Attack, input_grad
 from .threat import parse_eps
 
-__all__ = ["PGD"]
+__all__ = ["PGD", "margin_loss", "draw_targets"]
 
 _STARTS = {True: "uniform", False: "none", "uniform": "uniform", "normal": "normal",
            "none": "none"}
+LOSSES = ("task", "margin")
+TARGETS = (None, "random", "least_likely")
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """C&W margin per sample, ``max_{j != y} z_j - z_y`` (positive = misclassified)."""
+    z = logits.float()
+    true = z.gather(1, y.long().view(-1, 1)).squeeze(1)
+    other = z.scatter(1, y.long().view(-1, 1), float("-inf")).amax(dim=1)
+    return other - true
+
+
+def draw_targets(logits: torch.Tensor, y: torch.Tensor, how: str) -> torch.Tensor:
+    """Target classes for targeted PGD: ``random`` (uniform over the classes other than ``y``)
+    or ``least_likely`` (the lowest logit)."""
+    if how == "least_likely":
+        return logits.argmin(dim=1)
+    num_classes = logits.shape[1]
+    shift = torch.randint(1, num_classes, y.shape, device=y.device)
+    return (y.long() + shift) % num_classes
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -47,6 +69,13 @@ class PGD(Attack):
             is never undone by a later step). Single-label tasks only (ignored for
             multi-label, whose AUROC depends on every logit); needs ``model_mode="eval"``
             (a shrinking batch would change BatchNorm batch statistics). Not for training.
+        loss: ``"task"`` (cross-entropy or BCE, or the caller's ``loss_fn``) or ``"margin"``,
+            the C&W margin ``max_{j != y} z_j - z_y`` on the logits ``z`` (single-label).
+        targeted: ``None`` (untargeted), ``"random"`` (a uniformly drawn class other than the
+            true one) or ``"least_likely"`` (the lowest clean logit): the attack then drives
+            the prediction to the target (maximises ``-CE(z, t)``, or the margin
+            ``z_t - max_{j != t} z_j``) and counts a success when ``argmax z = t``.
+            Single-label.
 
     Example:
         >>> attack = PGD(eps="8/255", steps=10)
@@ -66,8 +95,16 @@ class PGD(Attack):
         model_mode: str = "eval",
         step_size_rel: float | None = None,
         early_stop: bool = False,
+        loss: str = "task",
+        targeted: str | None = None,
     ) -> None:
         super().__init__(eps=eps, norm=norm, model_mode=model_mode)
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} must be one of {LOSSES}")
+        if targeted not in TARGETS:
+            raise ValueError(f"targeted={targeted!r} must be one of {TARGETS}")
+        self.loss = loss
+        self.targeted = targeted
         if early_stop and model_mode != "eval":
             raise ValueError("early_stop=true needs model_mode='eval' (a shrinking batch would "
                              "change BatchNorm batch statistics)")
@@ -105,7 +142,7 @@ class PGD(Attack):
         return {"eps": self.eps, "steps": self.steps, "step_size": self._step_size,
                 "norm": self.norm, "random_start": self.start, "restarts": self.restarts,
                 "model_mode": self.model_mode, "step_size_rel": self._step_rel,
-                "early_stop": self.early_stop}
+                "early_stop": self.early_stop, "loss": self.loss, "targeted": self.targeted}
 
     def with_eps(self, eps: float | str) -> PGD:
         """A copy at radius ``eps``; a step given in pixels keeps its ratio to eps."""
@@ -124,6 +161,8 @@ class PGD(Attack):
             "random_start": self.start,
             "restarts": self.restarts,
             **({"early_stop": True} if self.early_stop else {}),
+            **({"loss": self.loss} if self.loss != "task" else {}),
+            **({"targeted": self.targeted} if self.targeted else {}),
         }
 
     def _start(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,11 +172,34 @@ class PGD(Attack):
             return self.threat.project(x + 0.001 * torch.randn_like(x), x)
         return x.clone()
 
+    def _goal(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
+              loss_fn: LossFn):
+        """(labels the loss sees, loss to maximise, success(logits, labels) per sample)."""
+        if self.loss == "task" and self.targeted is None:
+            return y, loss_fn, task.wrong
+        if not task.single_label:
+            raise ValueError(f"PGD loss={self.loss!r}, targeted={self.targeted!r} is for "
+                             "single-label tasks")
+        if self.targeted is None:
+            return y, margin_loss, task.wrong
+        with torch.no_grad():
+            target = draw_targets(model(x), y, self.targeted)
+        if self.loss == "margin":
+            def objective(logits, t):
+                return -margin_loss(logits, t)
+        else:
+            def objective(logits, t):
+                return -cross_entropy_per_sample(logits, t)
+
+        def hit(logits, t):
+            return logits.argmax(dim=1) == t
+        return target, objective, hit
+
     def _one_run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
-                 loss_fn: LossFn) -> torch.Tensor:
+                 loss_fn: LossFn, success) -> torch.Tensor:
         x_adv = self._start(x)
         if self.early_stop and task.single_label:
-            return self._early_stopping_run(model, x, y, loss_fn, x_adv)
+            return self._early_stopping_run(model, x, y, loss_fn, x_adv, success)
         threat, step_size = self.threat, self.step_size
         for _ in range(self.steps):
             grad = input_grad(model, x_adv, y, loss_fn)
@@ -146,8 +208,9 @@ class PGD(Attack):
         return x_adv.detach()
 
     def _early_stopping_run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                            loss_fn: LossFn, x_adv: torch.Tensor) -> torch.Tensor:
-        """PGD steps on the samples not yet misclassified only (see ``early_stop``)."""
+                            loss_fn: LossFn, x_adv: torch.Tensor, success) -> torch.Tensor:
+        """PGD steps on the samples not yet misclassified (or not yet at their target)
+        only (see ``early_stop``)."""
         threat, step_size, fmt = self.threat, self.step_size, _memory_format(x)
         out = x_adv.detach().clone()
         active = torch.arange(x.shape[0], device=x.device)
@@ -156,7 +219,7 @@ class PGD(Attack):
             grad, logits = input_grad(model, xa, ys, loss_fn, return_logits=True)
             with torch.no_grad():
                 stepped = threat.project(threat.step(xa.detach(), grad, step_size), xs)
-                going = logits.argmax(dim=1) == ys
+                going = ~success(logits, ys)
                 out[active] = torch.where(going.view(-1, *([1] * (x.dim() - 1))), stepped, xa)
                 if bool(going.all()):  # one host sync per step: evaluation only
                     xa = stepped
@@ -170,23 +233,24 @@ class PGD(Attack):
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
                  loss_fn: LossFn) -> torch.Tensor:
-        best = self._one_run(model, x, y, task, loss_fn)
+        y, loss_fn, success = self._goal(model, x, y, task, loss_fn)
+        best = self._one_run(model, x, y, task, loss_fn, success)
         if self.restarts == 1:
             return best
-        best_score = self._score(model, best, y, task, loss_fn)
+        best_score = self._score(model, best, y, loss_fn, success)
         for _ in range(self.restarts - 1):
-            cand = self._one_run(model, x, y, task, loss_fn)
-            score = self._score(model, cand, y, task, loss_fn)
+            cand = self._one_run(model, x, y, task, loss_fn, success)
+            score = self._score(model, cand, y, loss_fn, success)
             better = score > best_score
             best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), cand, best)
             best_score = torch.maximum(score, best_score)
         return best
 
     @staticmethod
-    def _score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, task: Task,
-               loss_fn: LossFn) -> torch.Tensor:
+    def _score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+               success) -> torch.Tensor:
         """Per-sample strength of an adversarial example: its loss, plus a large bonus when it
-        is misclassified (``task.wrong``)."""
+        succeeds (misclassified, or at its target)."""
         with torch.no_grad():
             logits = model(x_adv)
-            return loss_fn(logits, y).float() + 1e6 * task.wrong(logits, y).float()
+            return loss_fn(logits, y).float() + 1e6 * success(logits, y).float()
