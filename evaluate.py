@@ -32,8 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules import complete_stored_config
 from lightning_modules.attacks import parse_eps
 from lightning_modules.evaluation import EvaluationModule
+from lightning_modules.honesty import failed, model_checks, report_checks
 from lightning_modules.selection import chance_level
-from lightning_modules.tasks import SCORE_METRIC
+from lightning_modules.tasks import SCORE_METRIC, Task
 from lightning_modules.utils import (
     ConfigError,
     exit_on_config_error,
@@ -136,6 +137,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if module.n_images == 0:
         raise ConfigError(f"the {split} split is empty")
+    probe = next(iter(datamodule.test_dataloader() if split == "test"
+                      else datamodule.val_dataloader()))
+    device = next(net.parameters()).device
 
     rows = []
     for kind, metrics in module.results.items():
@@ -171,14 +175,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "attacks": {name: attacks[name].describe() for name in attacks},
         "worst_case": {k: v for k, v in module.evaluator.worst_case.items()} or None,
         "results": rows,
-        "wall_time_s": round(time.perf_counter() - start, 1),
     }
+    metrics = ("acc", SCORE_METRIC[task]) if SCORE_METRIC[task] != "acc" else ("acc",)
+    checks = report_checks(report["clean"], rows, module.n_images, metrics) + model_checks(
+        net, probe[0].to(device), probe[1].to(device), Task(task))
+    report["checks"] = [c.as_dict() for c in checks]
+    for c in failed(checks):
+        log.warning("honesty check failed: %s: %s", c.check, c.detail)
+    report["wall_time_s"] = round(time.perf_counter() - start, 1)
     ckpt_file = Path(cfg.ckpt_path).resolve()  # one folder per checkpoint: no overwriting
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else \
         ckpt_file.parent.parent / "eval" / ckpt_file.stem
     if trainer.is_global_zero:
         write_report(report, out_dir)
     report["output_dir"] = str(out_dir)
+    bad = failed(checks)
+    if bad and (cfg.get("evaluation") or {}).get("strict"):
+        raise ConfigError(f"evaluation.strict=true and {len(bad)} honesty check(s) failed: "
+                          + "; ".join(f"{c.check} ({c.detail})" for c in bad)
+                          + f"; report kept in {out_dir}")
     return report
 
 
@@ -261,6 +276,11 @@ def summary_markdown(report: dict[str, Any]) -> str:
         for key in per_class:
             cells = [f"{report['clean'][key]:.4f}"] + [f"{r[key]:.4f}" for r in strongest.values()]
             lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(cells) + " |")
+    checks = report.get("checks") or []
+    if checks:
+        lines += ["", "Honesty checks (AutoAttack's flags, Carlini et al. 2019):", ""]
+        lines += [f"- {'ok' if c['passed'] else '**FAILED**'} {c['check']}: {c['detail']}"
+                  for c in checks]
     lines += ["", "![accuracy vs epsilon](accuracy_vs_eps.png)", ""]
     return "\n".join(lines)
 

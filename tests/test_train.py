@@ -121,6 +121,12 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     for name in ("report.json", "report.csv", "accuracy_vs_eps.png", "summary.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert report["n_images"] == 96
+    # an honest model passes every honesty check, and the report and summary say so
+    checks = {c["check"]: c["passed"] for c in report["checks"]}
+    assert set(checks) == {"eps_zero_reproduces_clean", "monotone_in_eps", "outputs_are_logits",
+                           "worst_case_not_above_attacks", "deterministic",
+                           "gradients_nonzero_finite"} and all(checks.values()), report["checks"]
+    assert "ok deterministic" in (out / "summary.md").read_text()
     rows = list(csv.DictReader((out / "report.csv").open()))
     # exactly the attacks and radii asked for, plus the worst case at each radius > 0
     assert sorted((r["attack"], r["eps_str"]) for r in rows) == sorted(
@@ -367,3 +373,23 @@ def test_metrics_json_is_valid_json_with_nan(tmp_path):
 def test_diverged_training_stops_with_one_line(train_cfg):
     with pytest.raises(ConfigError, match="training diverged.*module.optimizer.lr"):
         train(train_cfg("defense=none", "module.optimizer.lr=1e30", "trainer.max_epochs=3"))
+
+
+def test_failed_honesty_check_warns_or_stops_when_strict(undefended_run, tmp_path, monkeypatch,
+                                                         caplog):
+    import evaluate as evaluate_module
+    from lightning_modules.honesty import Check
+
+    monkeypatch.setattr(evaluate_module, "model_checks",
+                        lambda *a, **k: [Check("deterministic", False, "outputs differ")])
+    base = [f"ckpt_path={undefended_run['best_checkpoint']}", "eps_grid=[0,2/255]",
+            "attacks.pgd.steps=2", "trainer.limit_test_batches=1"]
+    report = evaluate(compose_cfg("eval", [*base, f"output_dir={tmp_path / 'a'}"], tmp_path))
+    assert {"check": "deterministic", "passed": False, "detail": "outputs differ"} in \
+        report["checks"]
+    assert "honesty check failed: deterministic" in caplog.text
+    assert "**FAILED** deterministic" in (tmp_path / "a" / "summary.md").read_text()
+    with pytest.raises(ConfigError, match="evaluation.strict=true and 1 honesty check"):
+        evaluate(compose_cfg("eval", [*base, f"output_dir={tmp_path / 'b'}",
+                                      "evaluation.strict=true"], tmp_path))
+    assert (tmp_path / "b" / "report.json").is_file()  # the report is kept

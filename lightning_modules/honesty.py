@@ -1,0 +1,113 @@
+"""Honesty checks of a robustness evaluation: the flags of AutoAttack (Croce & Hein, ICML 2020)
+and the checklist of Carlini et al., "On Evaluating Adversarial Robustness" (2019).
+
+Plain PyTorch and plain dicts. :func:`report_checks` reads an evaluation report's rows;
+:func:`model_checks` probes the model on one batch. Each check is a :class:`Check`: its name,
+whether it passed, and one line saying what was seen. A failed check is never silent:
+``evaluate.py`` prints it, writes it into the report, and stops when ``evaluation.strict``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .attacks import attack_mode
+from .tasks import Task
+
+__all__ = ["Check", "report_checks", "model_checks", "failed"]
+
+
+@dataclass
+class Check:
+    check: str
+    passed: bool
+    detail: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def report_checks(clean: dict, rows: list[dict], n_images: int,
+                  metrics: tuple[str, ...] = ("acc",)) -> list[Check]:
+    """Checks on the metric rows of one report (``attack``, ``eps``, metric values):
+
+    - ``eps_zero_reproduces_clean``: every eps = 0 row equals the clean metrics;
+    - ``monotone_in_eps``: no attack's metric rises with eps by more than one image;
+    - ``worst_case_not_above_attacks``: each ``worst`` row is at most every attack at its eps.
+    """
+    out: list[Check] = []
+    tol = 1.0 / max(1, n_images) + 1e-9
+    zero = [r for r in rows if r["eps"] == 0 and r["attack"] != "worst"]
+    bad = [f"{r['attack']} {m} {r[m]:.4f} vs {clean[m]:.4f}" for r in zero for m in metrics
+           if m in r and abs(r[m] - clean[m]) > 1e-6]
+    out.append(Check("eps_zero_reproduces_clean", not bad,
+                     "; ".join(bad) if bad else f"{len(zero)} eps=0 row(s) equal clean"))
+    by_attack: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_attack[r["attack"]].append(r)
+    rises = []
+    for name, group in by_attack.items():
+        group = sorted(group, key=lambda r: r["eps"])
+        for m in metrics:
+            for a, b in zip(group, group[1:], strict=False):
+                if m in a and m in b and b[m] > a[m] + tol:
+                    rises.append(f"{name} {m} {a[m]:.4f} @ {a['eps_str']} -> {b[m]:.4f} @ "
+                                 f"{b['eps_str']}")
+    out.append(Check("monotone_in_eps", not rises,
+                     "; ".join(rises) if rises else "no metric rises with eps"))
+    above = []
+    for w in by_attack.get("worst", []):
+        for r in rows:
+            if r["attack"] != "worst" and r["eps"] == w["eps"]:
+                above += [f"worst {m} {w[m]:.4f} > {r['attack']} {r[m]:.4f} @ {w['eps_str']}"
+                          for m in metrics if m in w and m in r and w[m] > r[m] + 1e-9]
+    if by_attack.get("worst"):
+        out.append(Check("worst_case_not_above_attacks", not above,
+                         "; ".join(above) if above else "worst case <= every attack"))
+    return out
+
+
+def model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task) -> list[Check]:
+    """Probes on one batch (the model's modes are restored):
+
+    - ``outputs_are_logits``: not probabilities (rows of a softmax, or all values in [0, 1]);
+    - ``deterministic``: two forward passes in eval mode give the same outputs;
+    - ``gradients_nonzero_finite``: the input gradient of the loss is finite and non-zero for
+      most images (zero gradients mean masked or non-differentiable outputs).
+    """
+    out: list[Check] = []
+    with attack_mode(model, "eval"), torch.no_grad():
+        a, b = model(x).float(), model(x).float()
+    in_unit = bool(((a >= 0) & (a <= 1)).all())
+    sums_to_one = task.single_label and bool(torch.allclose(a.sum(1), torch.ones_like(a[:, 0]),
+                                                            atol=1e-4))
+    probs = sums_to_one or in_unit
+    out.append(Check("outputs_are_logits", not probs,
+                     "outputs look like probabilities (softmax/sigmoid applied in the model): "
+                     "attacks on them are weak; return logits" if probs else
+                     f"outputs range [{a.min():.3g}, {a.max():.3g}]"))
+    same = bool(torch.allclose(a, b, atol=1e-5, rtol=1e-4))
+    out.append(Check("deterministic", same,
+                     "same outputs on two passes" if same else
+                     f"outputs differ between two passes (max {float((a - b).abs().max()):.3g}): "
+                     "a randomized model needs EOT attacks"))
+    with attack_mode(model, "eval"), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        loss = task.loss(model(xg), y).sum()
+        (grad,) = torch.autograd.grad(loss, xg, allow_unused=True)
+    if grad is None:
+        grad = torch.zeros_like(x)
+    finite = bool(torch.isfinite(grad).all())
+    zero_share = float((grad.flatten(1).abs().amax(1) == 0).float().mean())
+    ok = finite and zero_share <= 0.5
+    out.append(Check("gradients_nonzero_finite", ok,
+                     f"input gradient zero for {zero_share:.0%} of images, finite: {finite}"))
+    return out
+
+
+def failed(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if not c.passed]

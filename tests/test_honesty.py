@@ -1,0 +1,76 @@
+"""Each honesty check passes on an honest model and fires on a model built to trip it: a
+softmax output layer, a non-differentiable step, a random model; and on report rows that
+break eps = 0, monotonicity or the worst case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_modules.honesty import failed, model_checks, report_checks
+from lightning_modules.tasks import Task
+
+TASK = Task("multiclass")
+
+
+def _names(checks):
+    return {c.check for c in failed(checks)}
+
+
+def test_honest_model_passes(trained_model):
+    model, x, y = trained_model
+    assert not failed(model_checks(model, x[:32], y[:32], TASK))
+
+
+class Softmax(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).softmax(-1)
+
+
+class Step(nn.Module):  # rounds the input: zero gradient almost everywhere
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 4) / 4)
+
+
+class Random(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x + 0.1 * torch.randn_like(x))
+
+
+@pytest.mark.parametrize("wrap,fires", [(Softmax, "outputs_are_logits"),
+                                        (Step, "gradients_nonzero_finite"),
+                                        (Random, "deterministic")])
+def test_each_model_check_fires_on_a_model_built_to_trip_it(trained_model, wrap, fires):
+    model, x, y = trained_model
+    assert fires in _names(model_checks(wrap(model), x[:32], y[:32], TASK))
+
+
+def _row(attack, eps, acc):
+    return {"attack": attack, "eps": eps, "eps_str": f"{round(eps * 255)}/255", "acc": acc}
+
+
+def test_report_checks_fire_on_bad_rows():
+    clean = {"acc": 0.9}
+    good = [_row("pgd", 0, 0.9), _row("pgd", 2 / 255, 0.5), _row("pgd", 8 / 255, 0.2),
+            _row("fgsm", 2 / 255, 0.6), _row("worst", 2 / 255, 0.45)]
+    assert not failed(report_checks(clean, good, n_images=100))
+    bad = [_row("pgd", 0, 0.85), _row("pgd", 2 / 255, 0.3), _row("pgd", 8 / 255, 0.4),
+           _row("fgsm", 2 / 255, 0.25), _row("worst", 2 / 255, 0.28)]
+    assert _names(report_checks(clean, bad, n_images=100)) == {
+        "eps_zero_reproduces_clean", "monotone_in_eps", "worst_case_not_above_attacks"}
+    # a rise of one image in 100 is noise of a random start, not a flag
+    noisy = [_row("pgd", 2 / 255, 0.30), _row("pgd", 4 / 255, 0.31)]
+    assert not failed(report_checks(clean, noisy, n_images=100))
