@@ -1,0 +1,129 @@
+"""Evaluation attacks on one model and batch: images/s and robust accuracy.
+
+    python benchmarks/bench_eval_attacks.py                       # a small CNN trained here
+    python benchmarks/bench_eval_attacks.py --ckpt <run>/checkpoints/<best>.ckpt --n 64
+
+One process, one model, one batch of test images, fp32. Each way is timed as the median of
+``--repeats`` runs after one warm-up, the repeats taken round-robin over the ways (drifts of the
+machine hit every way alike). Ways: our PGD-20 (plain, and with early stop for samples already
+misclassified), torchattacks' PGD-20 (the reference; ``pip install --no-deps torchattacks``),
+and AutoAttack through ``pyautoattack``: APGD-CE alone, and the standard suite as
+``conf/attack/autoattack.yaml`` builds it (``--square-queries``, 5000 in the standard suite).
+AutoAttack runs each later component only on the samples still robust; the table shows what
+that saves against running every component on the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lightning_modules.attacks import PGD, AutoAttack
+
+
+def _trained_small_cnn(n: int):
+    from datamodules.synthetic import make_synthetic
+    from lightning_modules.backbones import small_cnn
+
+    torch.manual_seed(0)
+    x, y = make_synthetic(1024, 4, image_size=32, signal_amplitude=0.04, colour_amplitude=0.17,
+                          seed=3)
+    model = small_cnn(4, width=16)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(4):
+        for i in range(0, 1024, 64):
+            loss = torch.nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    xt, yt = make_synthetic(n, 4, image_size=32, signal_amplitude=0.04, colour_amplitude=0.17,
+                            seed=4)
+    return model.eval(), xt, yt, "small CNN w16 trained 4 epochs on the default data, 32 px"
+
+
+def _from_checkpoint(path: str, n: int):
+    from omegaconf import OmegaConf
+
+    from evaluate import build_from_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    _, datamodule, net = build_from_checkpoint(ckpt, OmegaConf.create({"eval_batch_size": n}))
+    datamodule.setup("test")
+    x, y = next(iter(datamodule.test_dataloader()))
+    return net.eval(), x[:n], y[:n], f"{path} ({x.shape[-1]} px)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--n", type=int, default=64, help="images in the batch")
+    parser.add_argument("--eps", default="8/255")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--square-queries", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    model, x, y, what = _from_checkpoint(args.ckpt, args.n) if args.ckpt else \
+        _trained_small_cnn(args.n)
+    ours = PGD(eps=args.eps, steps=20)
+    eps = ours.eps
+    ways = {
+        "our PGD-20": ours,
+        "our PGD-20, early stop": ours.replace(early_stop=True),
+        "AutoAttack APGD-CE": AutoAttack(eps=eps, components=["apgd-ce"]),
+        f"AutoAttack standard (Square {args.square_queries} queries)":
+            AutoAttack(eps=eps, square_queries=args.square_queries),
+    }
+    try:
+        import torchattacks
+
+        ta = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / 20, steps=20, random_start=True)
+        ways["torchattacks PGD-20"] = lambda m, xx, yy: ta(xx, yy)
+    except ImportError:
+        print("torchattacks not installed: its row is skipped")
+    num_classes = int(model(x[:1]).shape[1])
+    components, _ = AutoAttack(eps=eps).suite(num_classes)
+
+    def run(fn):
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        x_adv = fn(model, x, y)
+        dt = time.perf_counter() - t0
+        with torch.no_grad():
+            acc = (model(x_adv).argmax(1) == y).float().mean().item()
+        return dt, acc
+
+    for fn in ways.values():  # warm-up
+        run(fn)
+    times = {k: [] for k in ways}
+    accs = {}
+    for _ in range(args.repeats):
+        for k, fn in ways.items():
+            dt, accs[k] = run(fn)
+            times[k].append(dt)
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    # what "only still-robust samples" saves: each component alone on the whole batch
+    alone = {}
+    for comp in components:
+        atk = AutoAttack(eps=eps, components=[comp], square_queries=args.square_queries)
+        alone[comp] = statistics.median(run(atk)[0] for _ in range(args.repeats))
+    base = statistics.median(times["our PGD-20"])
+    print(f"\n{what}; batch {len(x)}, L-inf eps {args.eps}, clean acc {clean:.4f}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved repeats\n")
+    print("| attack | images/s | time vs our PGD-20 | robust acc |")
+    print("|---|---|---|---|")
+    for k in ways:
+        t = statistics.median(times[k])
+        print(f"| {k} | {len(x) / t:.1f} | {t / base:.2f}x | {accs[k]:.4f} |")
+    suite = statistics.median(times[next(k for k in ways if k.startswith("AutoAttack standard"))])
+    print(f"\nAutoAttack standard suite ({', '.join(components)}): {suite:.1f} s; each component "
+          f"alone on the whole batch: " + ", ".join(f"{c} {t:.1f} s" for c, t in alone.items())
+          + f"; sum {sum(alone.values()):.1f} s (running later components only on the samples "
+          f"still robust saves {1 - suite / sum(alone.values()):.0%})")
+
+
+if __name__ == "__main__":
+    main()
