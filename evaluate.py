@@ -177,7 +177,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "results": rows,
     }
     metrics = ("acc", SCORE_METRIC[task]) if SCORE_METRIC[task] != "acc" else ("acc",)
-    checks = report_checks(report["clean"], rows, module.n_images, metrics) + model_checks(
+    kinds = {name: atk.name for name, atk in attacks.items()}
+    checks = report_checks(report["clean"], rows, module.n_images, metrics, kinds) + model_checks(
         net, probe[0].to(device), probe[1].to(device), Task(task))
     report["checks"] = [c.as_dict() for c in checks]
     for c in failed(checks):

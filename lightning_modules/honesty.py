@@ -32,12 +32,16 @@ class Check:
 
 
 def report_checks(clean: dict, rows: list[dict], n_images: int,
-                  metrics: tuple[str, ...] = ("acc",)) -> list[Check]:
+                  metrics: tuple[str, ...] = ("acc",), kinds: dict[str, str] | None = None,
+                  agree: float = 0.05) -> list[Check]:
     """Checks on the metric rows of one report (``attack``, ``eps``, metric values):
 
     - ``eps_zero_reproduces_clean``: every eps = 0 row equals the clean metrics;
     - ``monotone_in_eps``: no attack's metric rises with eps by more than one image;
-    - ``worst_case_not_above_attacks``: each ``worst`` row is at most every attack at its eps.
+    - ``worst_case_not_above_attacks``: each ``worst`` row is at most every attack at its eps;
+    - ``pgd_and_autoattack_agree`` (when ``kinds``, row name -> attack kind, has both a
+      ``pgd`` and an ``autoattack``): at each eps, AutoAttack's accuracy is not above PGD's by
+      more than one image, nor below it by more than ``agree`` (PGD then overestimates).
     """
     out: list[Check] = []
     tol = 1.0 / max(1, n_images) + 1e-9
@@ -68,6 +72,24 @@ def report_checks(clean: dict, rows: list[dict], n_images: int,
     if by_attack.get("worst"):
         out.append(Check("worst_case_not_above_attacks", not above,
                          "; ".join(above) if above else "worst case <= every attack"))
+    kinds = kinds or {}
+    pgds = [n for n, k in kinds.items() if k == "pgd"]
+    autos = [n for n, k in kinds.items() if k == "autoattack"]
+    if pgds and autos:
+        at = {(r["attack"], r["eps"]): r for r in rows}
+        gaps = []
+        for (name, eps), r in at.items():
+            if name not in autos or eps == 0:
+                continue
+            for p in pgds:
+                q = at.get((p, eps))
+                if q is None:
+                    continue
+                if r["acc"] > q["acc"] + tol or q["acc"] - r["acc"] > agree:
+                    gaps.append(f"{p} {q['acc']:.4f} vs {name} {r['acc']:.4f} @ {r['eps_str']}")
+        out.append(Check("pgd_and_autoattack_agree", not gaps,
+                         "; ".join(gaps) if gaps else
+                         f"within {agree:.2f} accuracy, AutoAttack never above PGD"))
     return out
 
 

@@ -74,3 +74,18 @@ def test_report_checks_fire_on_bad_rows():
     # a rise of one image in 100 is noise of a random start, not a flag
     noisy = [_row("pgd", 2 / 255, 0.30), _row("pgd", 4 / 255, 0.31)]
     assert not failed(report_checks(clean, noisy, n_images=100))
+
+
+def test_pgd_and_autoattack_agree_check():
+    clean = {"acc": 0.9}
+    kinds = {"pgd": "pgd", "aa": "autoattack", "fgsm": "fgsm"}
+    close = [_row("pgd", 2 / 255, 0.50), _row("aa", 2 / 255, 0.48), _row("fgsm", 2 / 255, 0.6)]
+    checks = report_checks(clean, close, n_images=100, kinds=kinds)
+    assert "pgd_and_autoattack_agree" in {c.check for c in checks} and not failed(checks)
+    far = [_row("pgd", 2 / 255, 0.50), _row("aa", 2 / 255, 0.30)]  # PGD overestimates
+    above = [_row("pgd", 2 / 255, 0.50), _row("aa", 2 / 255, 0.55)]  # AA weaker than PGD
+    for rows in (far, above):
+        assert _names(report_checks(clean, rows, n_images=100, kinds=kinds)) == {
+            "pgd_and_autoattack_agree"}
+    assert "pgd_and_autoattack_agree" not in {
+        c.check for c in report_checks(clean, far, n_images=100)}  # no AutoAttack row: no check
