@@ -137,9 +137,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if module.n_images == 0:
         raise ConfigError(f"the {split} split is empty")
-    probe = next(iter(datamodule.test_dataloader() if split == "test"
-                      else datamodule.val_dataloader()))
-    device = next(net.parameters()).device
 
     rows = []
     for kind, metrics in module.results.items():
@@ -178,8 +175,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     metrics = ("acc", SCORE_METRIC[task]) if SCORE_METRIC[task] != "acc" else ("acc",)
     kinds = {name: atk.name for name, atk in attacks.items()}
-    checks = report_checks(report["clean"], rows, module.n_images, metrics, kinds) + model_checks(
-        net, probe[0].to(device), probe[1].to(device), Task(task))
+    checks = report_checks(report["clean"], rows, module.n_images, metrics, kinds)
+    if module.probe is not None:  # None on a DDP rank whose shard held no batch
+        checks += model_checks(net, *module.probe, Task(task))
     report["checks"] = [c.as_dict() for c in checks]
     for c in failed(checks):
         log.warning("honesty check failed: %s: %s", c.check, c.detail)

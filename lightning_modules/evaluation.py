@@ -74,6 +74,7 @@ class EvaluationModule(L.LightningModule):
         self.class_names = class_names
         self.results: dict[str, dict[str, float]] = {}
         self.n_images = 0
+        self.probe: tuple[torch.Tensor, torch.Tensor] | None = None  # first batch (checks)
 
     def on_test_start(self) -> None:
         if torch.is_inference_mode_enabled():
@@ -85,6 +86,8 @@ class EvaluationModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch
+        if batch_idx == 0:  # kept for the honesty checks' model probes, no second data pass
+            self.probe = (x.detach(), y.detach())
         self.evaluator.update(self.net, to_memory_format(x, self.memory_format), y)
 
     validation_step = test_step
