@@ -26,10 +26,13 @@ from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Subset, TensorDataset
 
 from datamodules import complete_stored_config
+from datamodules.splits import stratified_subset
 from lightning_modules.attacks import parse_eps
 from lightning_modules.evaluation import EvaluationModule
 from lightning_modules.honesty import failed, model_checks, report_checks
@@ -100,6 +103,26 @@ def build_from_checkpoint(ckpt: dict, datamodule_overrides: DictConfig | None):
     return train_cfg, datamodule, net
 
 
+def take_subset(datamodule, split: str, n: Any, seed: int) -> int | None:
+    """With ``subset=N``, evaluate a seeded class-stratified random ``N`` images of ``split``
+    (not the first ``N``: files are often sorted by class). Returns the split's size, or
+    ``None`` when the whole split is evaluated."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"subset={n!r} must be a positive number of images or null")
+    datamodule.prepare_data()
+    datamodule.setup("test" if split == "test" else "validate")
+    ds = datamodule.datasets[split]
+    labels = getattr(ds, "targets", None)  # what the dataset holds (after skipped images)
+    if labels is None:
+        labels = ds.tensors[1] if isinstance(ds, TensorDataset) else datamodule.targets(split)
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    keep = stratified_subset(labels, n, seed)
+    datamodule.datasets[split] = Subset(ds, keep.tolist())
+    return len(labels)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the grid through a Trainer and write the report (rank 0); returns the report."""
     start = time.perf_counter()
@@ -117,6 +140,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = cfg.get("split", "test")
     if split not in ("val", "test"):
         raise ConfigError(f"split={split!r} must be 'val' or 'test'")
+    n_split = take_subset(datamodule, split, cfg.get("subset"), int(cfg.get("seed") or 0))
     class_names = list(getattr(datamodule, "class_names", None) or []) or None
     try:
         module = EvaluationModule(net, task, num_classes, attacks, eps_grid,
@@ -162,6 +186,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "chance": {SCORE_METRIC[task]: chance_level(task, num_classes)},
         "split": split,
         "n_images": module.n_images,
+        "subset": None if n_split is None else
+        f"{module.n_images} of {n_split} (seeded, class-stratified)",
         "dataset": train_cfg.datamodule.get("_target_"),
         "backbone": train_cfg.backbone.get("name", train_cfg.backbone.get("_target_")),
         "defense": train_cfg.defense.get("name", train_cfg.defense.get("_target_")),
@@ -248,8 +274,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
         "# Robustness report",
         "",
         f"- checkpoint: `{report['checkpoint']}` (epoch {report['epoch']})",
-        f"- data: `{report['dataset']}`, split `{report['split']}`, {report['n_images']} images, "
-        f"task {report['task']}",
+        f"- data: `{report['dataset']}`, split `{report['split']}`, {report['n_images']} images"
+        + (f" ({report['subset']})" if report.get("subset") else "") + f", task {report['task']}",
         f"- backbone `{report['backbone']}`, defense `{report['defense']}`, trained at "
         f"{report['train_threat']}",
         "- clean: " + ", ".join(f"{k} {v:.4f}" for k, v in report["clean"].items()),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["split_indices"]
+__all__ = ["split_indices", "stratified_subset"]
 
 
 def _surrogate_labels(labels: np.ndarray) -> np.ndarray:
@@ -66,3 +66,27 @@ def split_indices(labels: np.ndarray, groups: np.ndarray | None, val_fraction: f
         val_fraction = val_fraction / (1.0 - test_fraction)
     out["train"], out["val"] = _one_fold(rest, labels, groups, val_fraction, seed + 1)
     return {k: np.sort(v) for k, v in out.items()}
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``n`` samples with the class proportions
+    of ``labels`` (multi-label rows: by their rarest positive finding), at least one sample
+    of every class present; ``n >= len(labels)`` returns every index."""
+    labels = np.asarray(labels)
+    total = len(labels)
+    if n >= total:
+        return np.arange(total)
+    surrogate = _surrogate_labels(labels)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(surrogate, return_counts=True)
+    # largest remainder apportionment of n over the classes, each class at least 1
+    quota = counts * n / total
+    take = np.maximum(1, np.floor(quota).astype(int))
+    for i in np.argsort(-(quota - np.floor(quota))):
+        if take.sum() >= n:
+            break
+        if take[i] < counts[i]:
+            take[i] += 1
+    picked = [rng.choice(np.flatnonzero(surrogate == c), size=min(k, cnt), replace=False)
+              for c, k, cnt in zip(classes, take, counts, strict=True)]
+    return np.sort(np.concatenate(picked))

@@ -400,3 +400,18 @@ def test_augmentation_follows_the_run_seed(ham_dir):
     for workers in (0, 2):
         assert torch.equal(first_batch(3, workers), first_batch(3, workers)), workers
     assert not torch.equal(first_batch(3, 0), first_batch(4, 0))
+
+
+def test_stratified_subset_keeps_proportions_and_every_class():
+    from datamodules.splits import stratified_subset
+
+    labels = np.array([0] * 700 + [1] * 200 + [2] * 95 + [3] * 5)  # sorted by class, as files are
+    keep = stratified_subset(labels, 100, seed=0)
+    assert len(keep) == 100 and len(np.unique(keep)) == 100 and (np.diff(keep) > 0).all()
+    assert np.bincount(labels[keep]).tolist() == [70, 20, 9, 1]  # not the first 100 (all 0)
+    assert (stratified_subset(labels, 100, seed=0) == keep).all()  # seeded
+    assert not (stratified_subset(labels, 100, seed=1) == keep).all()
+    assert len(stratified_subset(labels, 5000, seed=0)) == 1000
+    multi = np.zeros((60, 3))
+    multi[:10, 0] = multi[10:40, 1] = 1
+    assert len(stratified_subset(multi, 12, seed=0)) == 12

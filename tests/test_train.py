@@ -167,6 +167,12 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     with pytest.raises(ConfigError, match="pathlib.Path.write_text"):
         evaluate(compose_cfg("eval", [f"ckpt_path={tmp_path / 'evil.ckpt'}"], tmp_path / "eve"))
     assert victim.read_text() == "keep me"
+    # subset=N: a seeded class-stratified N images; bad values are one line
+    rep_sub = evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[0]", "subset=24",
+                                            f"output_dir={tmp_path / 'sub'}"], tmp_path / "evs"))
+    assert rep_sub["n_images"] == 24 and rep_sub["subset"].startswith("24 of 96")
+    with pytest.raises(ConfigError, match="subset="):
+        evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", "subset=-3"], tmp_path / "evb"))
     # the same engine as the training run's test: PGD-10 at 8/255 reproduces its numbers
     cfg10 = compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[8/255]",
                                  "~attacks.fgsm", "attacks.pgd.steps=10",
