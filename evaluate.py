@@ -1,14 +1,17 @@
 """Attack a trained checkpoint over a grid of epsilons and write a robustness report.
 
     python evaluate.py ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt
+    python evaluate.py ckpt_path=... evaluation=quick      # PGD-20 only (standard | full)
     python evaluate.py ckpt_path=... 'eps_grid=[0,2/255,4/255]' attacks.pgd.restarts=3
     python evaluate.py ckpt_path=... trainer=ddp trainer.devices=4 trainer.precision=bf16-mixed
 
 The checkpoint carries the resolved training config (data, backbone, task), so nothing else is
 needed; ``+datamodule.*`` keys here override the stored ones (e.g. another ``data_dir``). The
-attacks are the ``conf/attack`` nodes mounted under ``attacks`` (``threat.norm`` sets their
-norm); each runs at every eps of ``eps_grid``, and with two or more attacks each radius also gets
-the per-sample worst case over them (``worst``). Evaluation runs through a Lightning ``Trainer``
+attacks are the ``conf/attack`` nodes mounted under ``attacks`` by the ``evaluation`` preset
+(``conf/evaluation``; ``threat.norm`` sets their norm); each runs at every eps of ``eps_grid``,
+and with two or more attacks each radius also gets the per-sample worst case over them
+(``worst``). With ``evaluation.cascade`` each attack runs only on the images the earlier ones
+did not fool (AutoAttack's way; rows become cumulative); the report gives each attack's cost. Evaluation runs through a Lightning ``Trainer``
 built from the ``trainer`` group, as training does (devices, precision, DDP, limits such as
 ``trainer.limit_test_batches``), with :class:`~lightning_modules.evaluation.EvaluationModule`.
 Report (default ``<run dir>/eval/<checkpoint name>/``): ``report.json`` (RobustBench-like: clean metrics, then
@@ -33,9 +36,9 @@ from torch.utils.data import Subset, TensorDataset
 
 from datamodules import complete_stored_config
 from datamodules.splits import stratified_subset
-from lightning_modules.attacks import parse_eps
+from lightning_modules.attacks import PGD, AutoAttack, parse_eps
 from lightning_modules.evaluation import EvaluationModule
-from lightning_modules.honesty import failed, model_checks, report_checks
+from lightning_modules.honesty import failed, model_checks, probe_checks, report_checks
 from lightning_modules.selection import chance_level
 from lightning_modules.tasks import SCORE_METRIC, Task
 from lightning_modules.utils import (
@@ -137,6 +140,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("attacks"):
         raise ConfigError("attacks is empty: mount at least one conf/attack node")
     attacks = {name: instantiate_node(cfg.attacks, name) for name in cfg.attacks}
+    skipped = {name: f"{atk.name} attacks only {'/'.join(atk.tasks)} tasks, this one is {task}"
+               for name, atk in attacks.items() if task not in atk.tasks}
+    for name, why in skipped.items():  # e.g. AutoAttack on a multi-label checkpoint
+        log.warning("attack %s skipped: %s", name, why)
+        del attacks[name]
+    if not attacks:
+        raise ConfigError(f"no mounted attack can attack a {task} task: {skipped}")
+    options = cfg.get("evaluation") or {}
+    cascade = bool(options.get("cascade")) and task == "multiclass"
     split = cfg.get("split", "test")
     if split not in ("val", "test"):
         raise ConfigError(f"split={split!r} must be 'val' or 'test'")
@@ -146,7 +158,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         module = EvaluationModule(net, task, num_classes, attacks, eps_grid,
                                   channels_last=bool(train_cfg.get("module", {})
                                                      .get("channels_last")),  # as trained
-                                  class_names=class_names)
+                                  class_names=class_names, cascade=cascade)
     except ValueError as err:
         raise ConfigError(f"attacks: {err}") from err
     # every image once across DDP ranks: no DistributedSampler padding with duplicates
@@ -175,6 +187,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             desc = cell.describe()
         rows.append({"attack": name, "norm": desc["norm"], "eps": desc["eps"], "eps_str": eps_str,
                      "steps": desc.get("steps", 1), "restarts": desc.get("restarts", 1),
+                     "seconds": module.cost.get(kind, {}).get("seconds"),
+                     "images_attacked": module.cost.get(kind, {}).get("images_attacked"),
                      **metrics})
     report = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
@@ -195,7 +209,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "devices": trainer.world_size,
         "clean": module.results["clean"],
+        "evaluation": options.get("name"),
         "attacks": {name: attacks[name].describe() for name in attacks},
+        "skipped_attacks": skipped,
+        "cascade": cascade,
+        "cost": cost_table(module.cost, module.n_images),
         "worst_case": {k: v for k, v in module.evaluator.worst_case.items()} or None,
         "results": rows,
     }
@@ -204,6 +222,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checks = report_checks(report["clean"], rows, module.n_images, metrics, kinds)
     if module.probe is not None:  # None on a DDP rank whose shard held no batch
         checks += model_checks(net, *module.probe, Task(task))
+        reference = next((a for a in attacks.values() if type(a) is PGD and a.targeted is None),
+                         None)
+        if options.get("probes") and reference is not None and max(eps_grid) > 0:
+            queries = min([1000] + [a.square_queries for a in attacks.values()
+                                    if isinstance(a, AutoAttack)])
+            checks += probe_checks(net, *module.probe, Task(task), num_classes,
+                                   reference.with_eps(max(eps_grid)), square_queries=queries)
     report["checks"] = [c.as_dict() for c in checks]
     for c in failed(checks):
         log.warning("honesty check failed: %s: %s", c.check, c.detail)
@@ -222,12 +247,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
+def cost_table(cost: dict[str, dict], n_images: int) -> dict[str, Any]:
+    """Per cell its cost, the share of images it was spared (cascade), and the totals."""
+    cells = {name: {**c, "images_spared": round(1 - c["images_attacked"] / n_images, 4)
+                    if n_images else None} for name, c in cost.items()}
+    attacked = sum(c["images_attacked"] for c in cost.values())
+    return {"per_attack": cells,
+            "total_seconds": round(sum(c["seconds"] for c in cost.values()), 2),
+            "images_attacked": attacked,
+            "images_spared": round(1 - attacked / (n_images * len(cost)), 4)
+            if n_images and cost else None}
+
+
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     """report.json, report.csv, accuracy_vs_eps.png and summary.md in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "report.json", report)
     metric_names = list(report["clean"])
-    fields = ["attack", "norm", "eps", "eps_str", "steps", "restarts", *metric_names]
+    fields = ["attack", "norm", "eps", "eps_str", "steps", "restarts", "seconds",
+              "images_attacked", *metric_names]
     tmp = out_dir / "report.csv.tmp"
     with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
@@ -281,13 +319,24 @@ def summary_markdown(report: dict[str, Any]) -> str:
         "- clean: " + ", ".join(f"{k} {v:.4f}" for k, v in report["clean"].items()),
         f"- chance level: {score} {report['chance'][score]:.4f} (a constant predictor)",
         "",
-        f"| attack | norm | eps | steps | restarts | acc | {score} |",
-        "|---|---|---|---|---|---|---|",
+        f"| attack | norm | eps | steps | restarts | acc | {score} | images attacked | "
+        "seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        steps, restarts = (r[k] if r[k] is not None else "-" for k in ("steps", "restarts"))
+        steps, restarts, n_att, secs = (r.get(k) if r.get(k) is not None else "-" for k in (
+            "steps", "restarts", "images_attacked", "seconds"))
         lines.append(f"| {r['attack']} | {r['norm']} | {r['eps_str']} | {steps} | "
-                     f"{restarts} | {r['acc']:.4f} | {r[score]:.4f} |")
+                     f"{restarts} | {r['acc']:.4f} | {r[score]:.4f} | {n_att} | {secs} |")
+    if report.get("cascade"):
+        cost = report["cost"]
+        lines += ["", "Cascade (as AutoAttack runs its components): at each radius every attack "
+                  "ran only on the images the earlier ones had not fooled, so each row after "
+                  "the first is the worst case up to that attack. It spared "
+                  f"{cost['images_spared']:.0%} of the attack calls "
+                  f"({cost['images_attacked']} images attacked, {cost['total_seconds']} s)."]
+    for name, why in (report.get("skipped_attacks") or {}).items():
+        lines += ["", f"- **skipped** `{name}`: {why}"]
     per_class = [k for k in report["clean"] if "/" in k]
     if per_class:
         strongest = {}

@@ -56,24 +56,29 @@ class EvaluationModule(L.LightningModule):
         attacks: name -> attack; each is run at every radius of ``eps_grid``.
         eps_grid: radii in [0, 1] pixel units.
         channels_last: run in channels-last memory format (as the training run did).
+        cascade: at each radius, each attack runs only on the images every earlier attack
+            failed on (rows become cumulative; see :class:`RobustEvaluator`).
 
     After ``trainer.test(...)`` or ``trainer.validate(...)``, :attr:`results` holds
     ``{kind: {metric: value}}`` (``clean``, each cell, each worst case) and :attr:`n_images`
-    the number of images evaluated, both reduced across ranks.
+    the number of images evaluated, :attr:`cost` each cell's seconds and images attacked, all
+    reduced across ranks.
     """
 
     def __init__(self, net: nn.Module, task: str, num_classes: int,
                  attacks: Mapping[str, Attack], eps_grid: Sequence[float],
-                 channels_last: bool = False, class_names: list[str] | None = None) -> None:
+                 channels_last: bool = False, class_names: list[str] | None = None,
+                 cascade: bool = False) -> None:
         super().__init__()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format)
         self.cells, worst = grid_cells(attacks, eps_grid)
         self.evaluator = RobustEvaluator(task, num_classes, self.cells, worst_case=worst,
-                                         per_class=True)
+                                         per_class=True, cascade=cascade)
         self.class_names = class_names
         self.results: dict[str, dict[str, float]] = {}
         self.n_images = 0
+        self.cost: dict[str, dict[str, float]] = {}
         self.probe: tuple[torch.Tensor, torch.Tensor] | None = None  # first batch (checks)
 
     def on_test_start(self) -> None:
@@ -95,6 +100,7 @@ class EvaluationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.results = self.evaluator.compute(self.class_names)
         self.n_images = self.evaluator.count()
+        self.cost = self.evaluator.cost()
         self.evaluator.reset()
 
     on_validation_epoch_end = on_test_epoch_end

@@ -2,7 +2,8 @@
 and the checklist of Carlini et al., "On Evaluating Adversarial Robustness" (2019).
 
 Plain PyTorch and plain dicts. :func:`report_checks` reads an evaluation report's rows;
-:func:`model_checks` probes the model on one batch. Each check is a :class:`Check`: its name,
+:func:`model_checks` probes the model on one batch;
+:func:`probe_checks` attacks one batch with a huge eps, a stronger PGD and Square. Each check is a :class:`Check`: its name,
 whether it passed, and one line saying what was seen. A failed check is never silent:
 ``evaluate.py`` prints it, writes it into the report, and stops when ``evaluation.strict``.
 """
@@ -15,10 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .attacks import attack_mode
+from .attacks import PGD, attack_mode
 from .tasks import Task
 
-__all__ = ["Check", "report_checks", "model_checks", "failed"]
+__all__ = ["Check", "report_checks", "model_checks", "probe_checks", "failed"]
 
 
 @dataclass
@@ -128,6 +129,60 @@ def model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task)
     ok = finite and zero_share <= 0.5
     out.append(Check("gradients_nonzero_finite", ok,
                      f"input gradient zero for {zero_share:.0%} of images, finite: {finite}"))
+    return out
+
+
+def _robust_acc(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, task: Task
+                ) -> float:
+    x_adv = attack(model, x, y, task)
+    with attack_mode(model, "eval"), torch.no_grad():
+        return float((~task.wrong(model(x_adv), y)).float().mean())
+
+
+def probe_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
+                 num_classes: int, pgd: PGD, square_queries: int | None = 1000,
+                 max_images: int = 64) -> list[Check]:
+    """Attack probes on (at most ``max_images`` of) one batch, with ``pgd`` (the report's PGD
+    at its largest radius) as the white-box reference; accuracy = share of images still right:
+
+    - ``large_eps_reaches_chance``: PGD-50 at an eps that covers most of the image (L-inf 0.5,
+      or an L2 norm of 0.5 per pixel on average) drives accuracy to chance (``1/classes``) or
+      below; if not, gradients are masked or the attack is broken (Carlini et al. 2019, 3.1);
+    - ``more_steps_never_help``: PGD with 5x the steps and 2 more restarts is not more than two
+      images *above* ``pgd``; otherwise the loss surface is being gamed;
+    - ``square_not_above_white_box`` (single-label, ``square_queries``): AutoAttack's black-box
+      Square attack is not two images *below* the white-box attacks; a black-box attack that
+      beats gradients means the gradients are masked (Croce & Hein 2020).
+    """
+    from .attacks import AutoAttack
+
+    x, y = x[:max_images], y[:max_images]
+    n = x.shape[0]
+    tol = 2.0 / n + 1e-9
+    out: list[Check] = []
+    big = 0.5 if pgd.norm == "linf" else 0.5 * float(x[0].numel()) ** 0.5
+    huge = pgd.replace(eps=big, steps=50, step_size=None, step_size_rel=2.5 / 50,
+                       restarts=1, early_stop=True)
+    acc_big = _robust_acc(model, huge, x, y, task)
+    chance = 1.0 / num_classes
+    out.append(Check("large_eps_reaches_chance", acc_big <= chance + tol,
+                     f"PGD-50 at {pgd.norm} eps {big:.3g}: accuracy {acc_big:.4f}, chance "
+                     f"{chance:.4f} ({n} images)"))
+    acc = _robust_acc(model, pgd, x, y, task)
+    stronger = pgd.replace(steps=pgd.steps * 5, restarts=pgd.restarts + 2)
+    acc_strong = _robust_acc(model, stronger, x, y, task)
+    out.append(Check("more_steps_never_help", acc_strong <= acc + tol,
+                     f"PGD-{pgd.steps} x{pgd.restarts} {acc:.4f}, PGD-{stronger.steps} "
+                     f"x{stronger.restarts} {acc_strong:.4f} at {pgd.norm} eps {pgd.eps:.4g} "
+                     f"({n} images)"))
+    if task.single_label and square_queries:
+        square = AutoAttack(eps=pgd.eps, norm=pgd.norm, components=["square"],
+                            square_queries=square_queries)
+        acc_sq = _robust_acc(model, square, x, y, task)
+        white = min(acc, acc_strong)
+        out.append(Check("square_not_above_white_box", acc_sq >= white - tol,
+                         f"Square ({square_queries} queries) {acc_sq:.4f}, white-box PGD "
+                         f"{white:.4f} ({n} images)"))
     return out
 
 

@@ -12,10 +12,18 @@ Worst case (as in torchattacks' ``MultiAttack`` and AutoAttack's robust accuracy
 among the clean prediction and the group's attacks, the logits that are misclassified (the
 task's ``wrong``) with the highest loss; where none is misclassified, the highest-loss logits.
 A sample counts as robust only if it is right clean and under every attack of the group.
+
+Cascade (``cascade=True``, single-label; as AutoAttack runs its components): the attacks of a
+worst-case group run in order, each only on the samples still robust (right clean and under
+every earlier attack of the group); a sample fooled before keeps the logits that fooled it.
+Each attack's row is then *cumulative*: the worst case over the clean prediction and the
+group's attacks up to it, and its cost counts only the images it attacked. :meth:`cost` gives
+seconds and images attacked per attack (summed across ranks).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -71,6 +79,13 @@ def predictions(logits: torch.Tensor, task: Task) -> torch.Tensor:
     return logits.argmax(dim=1) if task.single_label else logits > 0
 
 
+def _clock(x: torch.Tensor) -> float:
+    """Wall time after the device finished its queued work (CUDA runs asynchronously)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
+
+
 class RobustEvaluator(nn.Module):
     """Clean, adversarial and worst-case metrics of a model over batches.
 
@@ -81,11 +96,12 @@ class RobustEvaluator(nn.Module):
         worst_case: name -> attack names whose per-sample worst case (with the clean
             prediction) is scored as its own kind; ``None``/empty = none.
         per_class: add recall per class (multiclass) or AUROC per finding (multilabel).
+        cascade: run a group's later attacks only on its still-robust samples (single-label).
     """
 
     def __init__(self, task: str, num_classes: int, attacks: Mapping[str, Attack],
                  worst_case: Mapping[str, Sequence[str]] | None = None,
-                 per_class: bool = False) -> None:
+                 per_class: bool = False, cascade: bool = False) -> None:
         super().__init__()
         self.task = Task(check_task(task))  # unweighted: evaluation losses are unweighted
         self.attacks = dict(attacks)
@@ -94,6 +110,17 @@ class RobustEvaluator(nn.Module):
             unknown = sorted(set(names) - set(self.attacks))
             if unknown or not names:
                 raise ValueError(f"worst-case group {group!r} names unknown attacks {unknown}")
+        if cascade and not self.task.single_label:
+            raise ValueError("cascade needs a single-label task: a multi-label sample with one "
+                             "wrong finding would leave every other finding unattacked")
+        # attack -> its worst-case group, for the cascade
+        self.group_of: dict[str, str] = {}
+        if cascade:
+            for group, names in self.worst_case.items():
+                for n in names:
+                    if n in self.group_of:
+                        raise ValueError(f"cascade: attack {n!r} is in two worst-case groups")
+                    self.group_of[n] = group
         self.kinds = [CLEAN, *self.attacks, *self.worst_case]
         if len(set(self.kinds)) != len(self.kinds):
             raise ValueError(f"attack and group names must be unique and not 'clean': {self.kinds}")
@@ -105,6 +132,8 @@ class RobustEvaluator(nn.Module):
         # multi-label: the set of predicted findings), as Xu et al. report beside accuracy
         self.fooling = nn.ModuleList(MeanMetric() for _ in self.kinds)
         self.n_images = SumMetric()
+        self.seconds = nn.ModuleList(SumMetric() for _ in self.attacks)  # attack time
+        self.attacked = nn.ModuleList(SumMetric() for _ in self.attacks)  # images attacked
         self.clean_predictions = PredictionCounts(num_classes) \
             if self.task.single_label else None
 
@@ -112,10 +141,29 @@ class RobustEvaluator(nn.Module):
         """Attack ``(x, y)`` (images in [0, 1]) with every attack and update every metric."""
         with torch.no_grad():
             out = EvalBatch(clean=model(x))
-        for name, attack in self.attacks.items():
-            x_adv = attack(model, x, y, self.task)
-            with torch.no_grad():
-                out.adv[name] = model(x_adv)
+        running: dict[str, torch.Tensor] = {}  # cascade: worst logits of each group so far
+        for (name, attack), secs, count in zip(self.attacks.items(), self.seconds,
+                                               self.attacked, strict=True):
+            group = self.group_of.get(name)
+            start = _clock(x)
+            if group is None:
+                x_adv = attack(model, x, y, self.task)
+                with torch.no_grad():
+                    out.adv[name] = model(x_adv)
+                n_attacked = x.shape[0]
+            else:  # only the samples still robust in this group
+                worst = running.get(group, out.clean)
+                todo = (~self.task.wrong(worst, y)).nonzero().squeeze(1)
+                logits = worst.clone()
+                if todo.numel():
+                    x_adv = attack(model, x[todo], y[todo], self.task)
+                    with torch.no_grad():
+                        logits[todo] = model(x_adv).to(logits.dtype)
+                out.adv[name] = running[group] = worst_case_logits([worst, logits], y,
+                                                                   self.task)
+                n_attacked = todo.numel()
+            secs.update(torch.tensor(_clock(x) - start, dtype=torch.float64, device=x.device))
+            count.update(torch.tensor(float(n_attacked), device=x.device))
         for group, names in self.worst_case.items():
             out.worst[group] = worst_case_logits([out.clean, *(out.adv[n] for n in names)], y,
                                                  self.task)
@@ -145,6 +193,19 @@ class RobustEvaluator(nn.Module):
                                                   self.fooling, strict=True)
                 if any(m.update_count > 0 for m in coll.values())}
 
+    def cost(self) -> dict[str, dict[str, float]]:
+        """``{attack: {"seconds", "images_attacked", "images_per_s"}}`` since the last reset,
+        summed across ranks (call on all ranks): what each attack cost, and with the cascade
+        how many images it skipped."""
+        out = {}
+        for name, secs, count in zip(self.attacks, self.seconds, self.attacked, strict=True):
+            if not count.update_count:
+                continue
+            s, n = float(secs.compute()), int(count.compute())
+            out[name] = {"seconds": round(s, 3), "images_attacked": n,
+                         "images_per_s": round(n / s, 2) if s > 0 else None}
+        return out
+
     def count(self) -> int:
         """Images seen since the last reset (all ranks)."""
         return int(self.n_images.compute().item()) if self.n_images.update_count else 0
@@ -161,5 +222,7 @@ class RobustEvaluator(nn.Module):
             loss.reset()
             fool.reset()
         self.n_images.reset()
+        for m in (*self.seconds, *self.attacked):
+            m.reset()
         if self.clean_predictions is not None:
             self.clean_predictions.reset()

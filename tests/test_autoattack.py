@@ -3,6 +3,8 @@ contract (ball, pixel range, eps 0), and never weaker than our PGD on the same m
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -52,6 +54,13 @@ def test_autoattack_in_ball_and_not_weaker_than_pgd(trained_model, norm, eps):
     assert torch.equal(aa.with_eps(0)(model, x, y), x)
     one = AutoAttack(eps=eps, norm=norm, components=["apgd-ce"])
     assert torch.equal(one(model, x[:8], y[:8]), one(model, x[:8], y[:8]))  # seeded
+    # channels-last images (module.channels_last) and a row subset of them, as the cascade
+    # hands over, give the same result in the same memory format
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)[2:10]
+    out_cl = one(cl_model, x_cl, y[2:10])
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out_cl, one(model, x[2:10], y[2:10]), atol=1e-6)
 
 
 def test_binary_model_runs_apgd_ce_and_square_and_multilabel_is_refused(trained_model):

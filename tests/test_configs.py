@@ -108,11 +108,20 @@ def test_option_composes_and_builds(group, option, tmp_path, ham_dir, monkeypatc
         wandb.finish()
 
 
-def test_eval_config_composes(tmp_path):
-    cfg = compose_cfg("eval", ["ckpt_path=x.ckpt"], tmp_path)
+@pytest.mark.parametrize("preset,attacks,cascade", [
+    ("quick", {"pgd"}, False), ("standard", {"pgd", "aa"}, True),
+    ("full", {"fgsm", "pgd", "pgd_cw", "pgd_t", "aa"}, False)])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_eval_config_composes(tmp_path, preset, attacks, cascade, norm):
+    cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", f"evaluation={preset}",
+                               f"threat.norm={norm}"], tmp_path)
+    assert set(cfg.attacks) == attacks and cfg.evaluation.cascade is cascade
+    assert cfg.evaluation.name == preset and cfg.evaluation.strict is False
     for name in cfg.attacks:
-        assert isinstance(instantiate(cfg.attacks[name]), Attack)
+        atk = instantiate(cfg.attacks[name])
+        assert isinstance(atk, Attack) and atk.norm == norm
     assert len(cfg.eps_grid) >= 3 and cfg.eps_grid[0] == 0
+    assert compose_cfg("eval", ["ckpt_path=x.ckpt"], tmp_path).evaluation.name == "standard"
 
 
 DEFENSES = options("defense")
@@ -144,7 +153,7 @@ def test_threat_reaches_every_attack(norm, eps, tmp_path):
             assert radii == pytest.approx([value] * len(attacks)), defense
     cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", f"threat.norm={norm}", f"threat.eps={eps}"],
                       tmp_path)
-    assert set(cfg.attacks) == {"fgsm", "pgd"}
+    assert set(cfg.attacks) == {"pgd", "aa"}  # evaluation=standard
     for name in cfg.attacks:
         atk = instantiate_node(cfg.attacks, name)
         assert (atk.norm, atk.eps) == (norm, pytest.approx(value)), name
@@ -164,7 +173,7 @@ def test_per_attack_override_wins(tmp_path):
     cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", "+attack@attacks.pgd_l2=pgd_l2",
                                "attacks.pgd.norm=l2"], tmp_path)
     assert {n: instantiate_node(cfg.attacks, n).norm for n in cfg.attacks} == {
-        "fgsm": "linf", "pgd": "l2", "pgd_l2": "l2"}
+        "aa": "linf", "pgd": "l2", "pgd_l2": "l2"}
 
 
 def test_each_attack_is_written_once():

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.honesty import failed, model_checks, report_checks
+from lightning_modules.attacks import PGD
+from lightning_modules.honesty import failed, model_checks, probe_checks, report_checks
 from lightning_modules.tasks import Task
 
 TASK = Task("multiclass")
@@ -89,3 +90,49 @@ def test_pgd_and_autoattack_agree_check():
             "pgd_and_autoattack_agree"}
     assert "pgd_and_autoattack_agree" not in {
         c.check for c in report_checks(clean, far, n_images=100)}  # no AutoAttack row: no check
+
+
+# ----------------------------------------------------------------- attack probes (one batch)
+PGD_REF = PGD(16 / 255, steps=10, model_mode="eval", early_stop=True)
+
+
+def test_probes_pass_on_an_honest_model_and_attack(trained_model):
+    model, x, y = trained_model
+    checks = probe_checks(model, x, y, TASK, 4, PGD_REF, square_queries=100, max_images=32)
+    assert {c.check for c in checks} == {"large_eps_reaches_chance", "more_steps_never_help",
+                                         "square_not_above_white_box"}
+    assert not failed(checks), checks
+
+
+class NoOpPGD(PGD):  # an attack that silently does nothing
+    def _perturb(self, model, x, y, task, loss_fn):
+        return x
+
+
+class FadesWithSteps(PGD):  # a "stronger" attack that is weaker: broken for many steps
+    def _perturb(self, model, x, y, task, loss_fn):
+        return x if self.steps > 20 else super()._perturb(model, x, y, task, loss_fn)
+
+
+class Saturated(nn.Module):  # logits x 1e4: softmax saturates, the CE gradient underflows
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) * 1e4
+
+
+@pytest.mark.parametrize("model_wrap,attack_cls,fires", [
+    (None, NoOpPGD, {"large_eps_reaches_chance", "square_not_above_white_box"}),
+    (None, FadesWithSteps, {"more_steps_never_help"}),
+    (Saturated, PGD, {"square_not_above_white_box"}),
+])
+def test_each_probe_fires_when_built_to_trip_it(trained_model, model_wrap, attack_cls, fires):
+    model, x, y = trained_model
+    if model_wrap is not None:
+        model = model_wrap(model)
+    # at 32/255 Square (1000 queries) fools most of these 16 px images; PGD-10 fools all
+    pgd = attack_cls(32 / 255, steps=10, model_mode="eval", early_stop=True)
+    checks = probe_checks(model, x, y, TASK, 4, pgd, square_queries=1000, max_images=32)
+    assert fires <= _names(checks), checks

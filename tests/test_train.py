@@ -104,6 +104,34 @@ def undefended_run(tmp_path_factory):
     return train(cfg)
 
 
+def test_evaluate_standard_preset_cascades(undefended_run, tmp_path):
+    """The default preset: PGD then AutoAttack on the images PGD did not fool, the worst case,
+    the cost of each, and the attack probes among the honesty checks."""
+    report = evaluate(compose_cfg("eval", [
+        f"ckpt_path={undefended_run['best_checkpoint']}", "eps_grid=[0,8/255]", "subset=32",
+        "attacks.pgd.steps=5", "attacks.aa.square_queries=20", "attacks.aa.max_targets=1",
+        f"output_dir={tmp_path / 'std'}"], tmp_path))
+    assert report["evaluation"] == "standard" and report["cascade"] is True
+    assert set(report["attacks"]) == {"pgd", "aa"} and not report["skipped_attacks"]
+    row = {(r["attack"], r["eps_str"]): r for r in report["results"]}
+    cost = report["cost"]["per_attack"]
+    n, clean = report["n_images"], report["clean"]["acc"]
+    # eps 0 has no worst case, so nothing cascades there: every image is attacked
+    assert cost["pgd@0"]["images_attacked"] == cost["aa@0"]["images_attacked"] == n == 32
+    # at 8/255 PGD attacks the images right clean, AutoAttack those PGD left right
+    pgd, aa = row[("pgd", "8/255")], row[("aa", "8/255")]
+    assert cost["pgd@8/255"]["images_attacked"] == round(clean * n)
+    assert cost["aa@8/255"]["images_attacked"] == round(pgd["acc"] * n)
+    assert aa["acc"] <= pgd["acc"] and aa["acc"] == pytest.approx(row[("worst", "8/255")]["acc"])
+    assert aa["images_attacked"] == cost["aa@8/255"]["images_attacked"]
+    assert 0 < report["cost"]["images_spared"] < 1
+    names = {c["check"] for c in report["checks"]}
+    assert {"large_eps_reaches_chance", "more_steps_never_help", "square_not_above_white_box",
+            "pgd_and_autoattack_agree"} <= names
+    summary = (tmp_path / "std" / "summary.md").read_text()
+    assert "Cascade" in summary and "images attacked" in summary
+
+
 def test_undefended_model_is_less_accurate_under_attack(undefended_run):
     test = undefended_run["test"]
     assert test["test/acc"] > 0.6, "the undefended model did not learn; the check means nothing"
@@ -111,9 +139,13 @@ def test_undefended_model_is_less_accurate_under_attack(undefended_run):
     assert test["test/adv_bal_acc"] < test["test/bal_acc"]
 
 
+# the quick preset (PGD-20) plus FGSM: cheap, and two attacks give a worst case
+QUICK_FGSM = ["evaluation=quick", "+attack@attacks.fgsm=fgsm"]
+
+
 def test_evaluate_checkpoint(undefended_run, tmp_path):
     ckpt = undefended_run["best_checkpoint"]
-    cfg = compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[0,2/255,8/255]",
+    cfg = compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[0,2/255,8/255]", *QUICK_FGSM,
                                "attacks.pgd.steps=5"], tmp_path / "ev")
     report = evaluate(cfg)
     out = Path(report["output_dir"])
@@ -153,6 +185,7 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     torch.save(old, tmp_path / "old.ckpt")
     rep_old = evaluate(compose_cfg("eval", [f"ckpt_path={tmp_path / 'old.ckpt'}",
                                             "eps_grid=[0,2/255,8/255]", "attacks.pgd.steps=5",
+                                            *QUICK_FGSM,
                                             f"output_dir={tmp_path / 'old'}"], tmp_path / "evo"))
     assert rep_old["clean"] == report["clean"]
     assert [r["acc"] for r in rep_old["results"] if r["attack"] == "fgsm"] == \
@@ -169,13 +202,14 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     assert victim.read_text() == "keep me"
     # subset=N: a seeded class-stratified N images; bad values are one line
     rep_sub = evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[0]", "subset=24",
+                                            "evaluation=quick",
                                             f"output_dir={tmp_path / 'sub'}"], tmp_path / "evs"))
     assert rep_sub["n_images"] == 24 and rep_sub["subset"].startswith("24 of 96")
     with pytest.raises(ConfigError, match="subset="):
         evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", "subset=-3"], tmp_path / "evb"))
     # the same engine as the training run's test: PGD-10 at 8/255 reproduces its numbers
     cfg10 = compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[8/255]",
-                                 "~attacks.fgsm", "attacks.pgd.steps=10",
+                                 "evaluation=quick", "attacks.pgd.steps=10",
                                  "attacks.pgd.early_stop=false", f"output_dir={tmp_path / 'e10'}"],
                         tmp_path / "ev10")
     rep10 = evaluate(cfg10)
@@ -228,7 +262,7 @@ def test_cli_train_then_evaluate(tmp_path):
     assert "clean" in out and "PGD-10 @ 8/255" in out and "tested checkpoint:" in out
     ckpt = next(tmp_path.glob("train/runs/*/checkpoints/last.ckpt"))
     proc = _run([str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}", "trainer.limit_test_batches=1",
-                 "attacks.pgd.steps=3", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+                 "evaluation=quick", "attacks.pgd.steps=3", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (ckpt.parent.parent / "eval" / "last" / "report.json").is_file()
 
@@ -345,7 +379,7 @@ def test_cli_evaluate_ddp_sim_matches_one_process(undefended_run, tmp_path):
     on 97 test images (an odd count: DistributedSampler would pad with a duplicate)."""
     ckpt = undefended_run["best_checkpoint"]
     common = [str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}", "eps_grid=[0,4/255]",
-              "attacks.pgd.steps=3", "trainer.enable_progress_bar=false",
+              *QUICK_FGSM, "attacks.pgd.steps=3", "trainer.enable_progress_bar=false",
               "+datamodule.n_test=97", "+datamodule.eval_batch_size=16",
               f"paths.log_dir={tmp_path}"]
     reports = {}
@@ -389,7 +423,7 @@ def test_failed_honesty_check_warns_or_stops_when_strict(undefended_run, tmp_pat
     monkeypatch.setattr(evaluate_module, "model_checks",
                         lambda *a, **k: [Check("deterministic", False, "outputs differ")])
     base = [f"ckpt_path={undefended_run['best_checkpoint']}", "eps_grid=[0,2/255]",
-            "attacks.pgd.steps=2", "trainer.limit_test_batches=1"]
+            "evaluation=quick", "attacks.pgd.steps=2", "trainer.limit_test_batches=1"]
     report = evaluate(compose_cfg("eval", [*base, f"output_dir={tmp_path / 'a'}"], tmp_path))
     assert {"check": "deterministic", "passed": False, "detail": "outputs differ"} in \
         report["checks"]

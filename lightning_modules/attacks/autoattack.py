@@ -34,6 +34,11 @@ STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 KNOWN = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(
+        memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+
+
 def components_for(num_classes: int, max_targets: int = 9) -> tuple[list[str], int]:
     """The standard suite's components for ``num_classes`` classes and the number of target
     classes of its targeted parts (see the module docstring)."""
@@ -65,6 +70,7 @@ class AutoAttack(Attack):
     """
 
     name = "autoattack"
+    tasks = ("multiclass",)
 
     def __init__(self, eps: float | str = 8 / 255, norm: str = "linf",
                  components: list[str] | None = None, max_targets: int = 9,
@@ -123,5 +129,7 @@ class AutoAttack(Attack):
         runner.fab.n_restarts = 1
         runner.fab.n_target_classes = targets
         runner.square.n_queries = self.square_queries
-        x_adv, _ = runner.run_standard_evaluation(x, y.long(), batch_size=x.shape[0])
-        return x_adv.detach().to(x.dtype)
+        # the authors' code views gradients flat: give it contiguous (not channels-last) images
+        x_adv, _ = runner.run_standard_evaluation(x.contiguous(), y.long(),
+                                                  batch_size=x.shape[0])
+        return x_adv.detach().to(x.dtype).contiguous(memory_format=_memory_format(x))

@@ -59,6 +59,7 @@ class Attack:
     """
 
     name = "attack"
+    tasks: tuple[str, ...] = ("multiclass", "multilabel")  # the tasks it can attack
 
     def __init__(self, eps: float | str = 8 / 255, norm: str = "linf",
                  model_mode: str = "eval") -> None:
