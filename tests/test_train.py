@@ -132,6 +132,23 @@ def test_evaluate_standard_preset_cascades(undefended_run, tmp_path):
     assert "Cascade" in summary and "images attacked" in summary
 
 
+def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg, tmp_path):
+    run = train(train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3",
+                          "defense=none"))
+    report = evaluate(compose_cfg("eval", [
+        f"ckpt_path={run['best_checkpoint']}", "evaluation=full", "eps_grid=[0,8/255]",
+        *[f"attacks.{a}.steps=2" for a in ("pgd", "pgd_hide", "pgd_add")],
+        "trainer.limit_test_batches=1", f"output_dir={tmp_path / 'full'}"], tmp_path))
+    assert report["task"] == "multilabel" and report["cascade"] is False
+    assert set(report["skipped_attacks"]) == {"pgd_cw", "pgd_t", "aa"}
+    assert set(report["attacks"]) == {"fgsm", "pgd", "pgd_hide", "pgd_add"}
+    rows = {(r["attack"], r["eps_str"]): r for r in report["results"]}
+    for name in ("fgsm", "pgd", "pgd_hide", "pgd_add", "worst"):  # share of changed sets
+        assert 0 <= rows[(name, "8/255")]["fooling_rate"] <= 1
+    assert rows[("pgd", "0")]["fooling_rate"] == 0
+    assert "**skipped** `aa`" in (tmp_path / "full" / "summary.md").read_text()
+
+
 def test_undefended_model_is_less_accurate_under_attack(undefended_run):
     test = undefended_run["test"]
     assert test["test/acc"] > 0.6, "the undefended model did not learn; the check means nothing"

@@ -15,12 +15,12 @@ from ..tasks import LossFn, Task, cross_entropy_per_sample
 from .base import Attack, input_grad
 from .threat import parse_eps
 
-__all__ = ["PGD", "margin_loss", "draw_targets"]
+__all__ = ["PGD", "margin_loss", "draw_targets", "draw_findings"]
 
 _STARTS = {True: "uniform", False: "none", "uniform": "uniform", "normal": "normal",
            "none": "none"}
 LOSSES = ("task", "margin")
-TARGETS = (None, "random", "least_likely")
+TARGETS = (None, "random", "least_likely", "hide", "add")  # the last two: multi-label
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -39,6 +39,32 @@ def draw_targets(logits: torch.Tensor, y: torch.Tensor, how: str) -> torch.Tenso
     num_classes = logits.shape[1]
     shift = torch.randint(1, num_classes, y.shape, device=y.device)
     return (y.long() + shift) % num_classes
+
+
+def draw_findings(clean_logits: torch.Tensor, how: str, finding: int | None = None
+                  ) -> torch.Tensor:
+    """Multi-label targets, encoded per finding as ``goal + 2 * chosen``: per sample one finding
+    is chosen (``finding``, or uniformly among the findings it can act on: present in the
+    clean prediction for ``hide``, absent for ``add``; among all when there is none) and its
+    goal is the flipped clean prediction; every other finding's goal is its clean prediction.
+    """
+    pred = clean_logits > 0
+    n, k = pred.shape
+    if finding is not None:
+        chosen = torch.full((n,), int(finding), device=pred.device)
+    else:
+        eligible = (pred if how == "hide" else ~pred).float()
+        eligible[eligible.sum(1) == 0] = 1.0  # nothing to hide (add): any finding
+        chosen = torch.multinomial(eligible, 1).squeeze(1)
+    onehot = torch.zeros_like(pred).scatter_(1, chosen.view(-1, 1), True)
+    goal = torch.where(onehot, torch.full_like(pred, how == "add"), pred)
+    return goal.float() + 2 * onehot.float()
+
+
+def _finding_goal(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(goal vector, chosen-finding mask) from :func:`draw_findings`' encoding."""
+    chosen = labels >= 2
+    return labels - 2 * chosen.float(), chosen
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -75,7 +101,11 @@ class PGD(Attack):
             true one) or ``"least_likely"`` (the lowest clean logit): the attack then drives
             the prediction to the target (maximises ``-CE(z, t)``, or the margin
             ``z_t - max_{j != t} z_j``) and counts a success when ``argmax z = t``.
-            Single-label.
+            Multi-label: ``"hide"`` (make a finding the model sees absent) or ``"add"`` (make
+            an absent one present): the attack minimises the BCE toward the clean prediction
+            with that one finding flipped (the others kept) and succeeds when it flips.
+        finding: multi-label targeted only: the index of the finding to hide or add; ``None``
+            draws one per image among those it can act on.
 
     Example:
         >>> attack = PGD(eps="8/255", steps=10)
@@ -97,14 +127,20 @@ class PGD(Attack):
         early_stop: bool = False,
         loss: str = "task",
         targeted: str | None = None,
+        finding: int | None = None,
     ) -> None:
         super().__init__(eps=eps, norm=norm, model_mode=model_mode)
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} must be one of {LOSSES}")
         if targeted not in TARGETS:
             raise ValueError(f"targeted={targeted!r} must be one of {TARGETS}")
+        if finding is not None and (targeted not in ("hide", "add") or isinstance(finding, bool)
+                                    or int(finding) != finding or finding < 0):
+            raise ValueError(f"finding={finding!r} must be a finding index >= 0, and only with "
+                             "targeted=hide|add")
         self.loss = loss
         self.targeted = targeted
+        self.finding = None if finding is None else int(finding)
         if early_stop and model_mode != "eval":
             raise ValueError("early_stop=true needs model_mode='eval' (a shrinking batch would "
                              "change BatchNorm batch statistics)")
@@ -126,6 +162,15 @@ class PGD(Attack):
                                                                       "step_size_rel")
 
     @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks this configuration can attack (see ``loss`` and ``targeted``)."""
+        if self.targeted in ("hide", "add"):
+            return ("multilabel",)
+        if self.targeted is not None or self.loss == "margin":
+            return ("multiclass",)
+        return ("multiclass", "multilabel")
+
+    @property
     def random_start(self) -> bool:
         return self.start != "none"
 
@@ -142,7 +187,8 @@ class PGD(Attack):
         return {"eps": self.eps, "steps": self.steps, "step_size": self._step_size,
                 "norm": self.norm, "random_start": self.start, "restarts": self.restarts,
                 "model_mode": self.model_mode, "step_size_rel": self._step_rel,
-                "early_stop": self.early_stop, "loss": self.loss, "targeted": self.targeted}
+                "early_stop": self.early_stop, "loss": self.loss, "targeted": self.targeted,
+                "finding": self.finding}
 
     def with_eps(self, eps: float | str) -> PGD:
         """A copy at radius ``eps``; a step given in pixels keeps its ratio to eps."""
@@ -163,6 +209,7 @@ class PGD(Attack):
             **({"early_stop": True} if self.early_stop else {}),
             **({"loss": self.loss} if self.loss != "task" else {}),
             **({"targeted": self.targeted} if self.targeted else {}),
+            **({"finding": self.finding} if self.finding is not None else {}),
         }
 
     def _start(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,9 +224,24 @@ class PGD(Attack):
         """(labels the loss sees, loss to maximise, success(logits, labels) per sample)."""
         if self.loss == "task" and self.targeted is None:
             return y, loss_fn, task.wrong
-        if not task.single_label:
-            raise ValueError(f"PGD loss={self.loss!r}, targeted={self.targeted!r} is for "
-                             "single-label tasks")
+        multi = self.targeted in ("hide", "add")
+        if multi != (not task.single_label) or (self.loss == "margin" and multi):
+            raise ValueError(f"PGD loss={self.loss!r}, targeted={self.targeted!r} is not for "
+                             f"{task.name} tasks (multi-label: targeted hide|add with the task "
+                             "loss; single-label: random|least_likely)")
+        if multi:
+            with torch.no_grad():
+                labels = draw_findings(model(x), self.targeted, self.finding)
+
+            def towards(logits, enc):
+                goal, _ = _finding_goal(enc)
+                return -nn.functional.binary_cross_entropy_with_logits(
+                    logits.float(), goal, reduction="none").sum(dim=1)
+
+            def flipped(logits, enc):
+                goal, chosen = _finding_goal(enc)
+                return ((logits > 0) == goal.bool())[chosen]  # one chosen finding per row
+            return labels, towards, flipped
         if self.targeted is None:
             return y, margin_loss, task.wrong
         with torch.no_grad():
