@@ -22,6 +22,8 @@ and ``summary.md``. The row at eps=0 must equal the clean metrics (the attacks a
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -36,8 +38,9 @@ from torch.utils.data import Subset, TensorDataset
 
 from datamodules import complete_stored_config
 from datamodules.splits import stratified_subset
-from lightning_modules.attacks import PGD, AutoAttack, parse_eps
+from lightning_modules.attacks import GAP, PGD, AutoAttack, parse_eps
 from lightning_modules.evaluation import EvaluationModule
+from lightning_modules.gap import fit_generator, load_generator, save_generator
 from lightning_modules.honesty import failed, model_checks, probe_checks, report_checks
 from lightning_modules.selection import chance_level
 from lightning_modules.tasks import SCORE_METRIC, Task
@@ -126,6 +129,47 @@ def take_subset(datamodule, split: str, n: Any, seed: int) -> int | None:
     return len(labels)
 
 
+def prepare_gap(cfg: DictConfig, attacks: dict, net, task: str, train_cfg: DictConfig,
+                datamodule, out_dir: Path) -> dict[str, dict]:
+    """Give every GAP attack its generator: loaded from ``path`` (or the default file beside
+    the report) when one of the same settings was saved, else fitted on the training split
+    (a Lightning fit, same ``trainer`` config) and saved there. Returns what happened."""
+    info = {}
+    for name, atk in list(attacks.items()):
+        if not isinstance(atk, GAP) or atk.generator is not None:
+            continue
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        chans = getattr(datamodule, "in_chans", None) or train_cfg.datamodule.get("in_chans")
+        size = train_cfg.datamodule.get("image_size")
+        if not (chans and size):
+            x, _ = next(iter(datamodule.train_dataloader()))
+            chans, size = x.shape[1], x.shape[-1]
+        digest = hashlib.sha1(json.dumps(atk.signature(), sort_keys=True).encode()).hexdigest()
+        path = Path(atk.path).expanduser() if atk.path else out_dir / f"gap-{name}-{digest[:8]}.pt"
+        loaded = load_generator(path, atk, int(chans), int(size))
+        if loaded is None and atk.path:
+            raise ConfigError(f"attacks.{name}.path={atk.path!r}: no saved GAP generator with "
+                              f"these settings {atk.signature()} there")
+        if loaded is not None:
+            generator, meta = loaded
+            info[name] = {"path": str(path), "reused": True, **meta}
+        else:
+            log.info("fitting the GAP generator %s on the training split (%d epochs)", name,
+                     atk.epochs)
+            fit_trainer = instantiate_node(
+                cfg, "trainer", logger=False, callbacks=[], enable_checkpointing=False,
+                max_epochs=atk.epochs, limit_train_batches=atk.max_batches or 1.0,
+                limit_val_batches=0, num_sanity_val_steps=0)
+            generator, meta = fit_generator(atk, net, task, datamodule, fit_trainer,
+                                            int(chans), int(size))
+            if fit_trainer.is_global_zero:
+                save_generator(path, generator, atk, meta)
+            info[name] = {"path": str(path), "reused": False, **meta}
+        attacks[name] = atk.with_generator(generator.to(next(net.parameters()).device))
+    return info
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the grid through a Trainer and write the report (rank 0); returns the report."""
     start = time.perf_counter()
@@ -152,6 +196,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = cfg.get("split", "test")
     if split not in ("val", "test"):
         raise ConfigError(f"split={split!r} must be 'val' or 'test'")
+    ckpt_file = Path(cfg.ckpt_path).resolve()  # one folder per checkpoint: no overwriting
+    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else \
+        ckpt_file.parent.parent / "eval" / ckpt_file.stem
+    gap_info = prepare_gap(cfg, attacks, net, task, train_cfg, datamodule, out_dir)
     n_split = take_subset(datamodule, split, cfg.get("subset"), int(cfg.get("seed") or 0))
     class_names = list(getattr(datamodule, "class_names", None) or []) or None
     try:
@@ -214,6 +262,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "skipped_attacks": skipped,
         "cascade": cascade,
         "cost": cost_table(module.cost, module.n_images),
+        "gap": gap_info or None,
         "worst_case": {k: v for k, v in module.evaluator.worst_case.items()} or None,
         "results": rows,
     }
@@ -233,9 +282,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for c in failed(checks):
         log.warning("honesty check failed: %s: %s", c.check, c.detail)
     report["wall_time_s"] = round(time.perf_counter() - start, 1)
-    ckpt_file = Path(cfg.ckpt_path).resolve()  # one folder per checkpoint: no overwriting
-    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else \
-        ckpt_file.parent.parent / "eval" / ckpt_file.stem
     if trainer.is_global_zero:
         write_report(report, out_dir)
     report["output_dir"] = str(out_dir)

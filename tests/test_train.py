@@ -132,18 +132,42 @@ def test_evaluate_standard_preset_cascades(undefended_run, tmp_path):
     assert "Cascade" in summary and "images attacked" in summary
 
 
+def test_evaluate_gap_fits_saves_and_reuses_its_generator(undefended_run, tmp_path):
+    args = [f"ckpt_path={undefended_run['best_checkpoint']}", "evaluation=quick",
+            "+attack@attacks.gap=gap", "attacks.gap.width=4", "attacks.gap.blocks=1",
+            "attacks.gap.epochs=1", "attacks.gap.max_batches=2", "eps_grid=[0,8/255]",
+            "attacks.pgd.steps=2", f"output_dir={tmp_path / 'g'}"]
+    first = evaluate(compose_cfg("eval", args, tmp_path / "a"))
+    info = first["gap"]["gap"]
+    assert info["reused"] is False and info["fit_seconds"] > 0 and Path(info["path"]).is_file()
+    assert Path(info["path"]).parent == tmp_path / "g"  # beside the report
+    second = evaluate(compose_cfg("eval", args, tmp_path / "b"))
+    assert second["gap"]["gap"]["reused"] is True and second["gap"]["gap"]["path"] == info["path"]
+    rows = [{(r["attack"], r["eps_str"]): r["acc"] for r in rep["results"]}
+            for rep in (first, second)]
+    assert rows[0][("gap", "8/255")] == rows[1][("gap", "8/255")]  # the same generator
+    assert rows[0][("gap", "0")] == first["clean"]["acc"]
+    # its cost: one forward pass per image, beside PGD's
+    assert first["cost"]["per_attack"]["gap@8/255"]["images_attacked"] == first["n_images"]
+    # a path that holds no generator of these settings is one clear line
+    with pytest.raises(ConfigError, match="attacks.gap.path"):
+        evaluate(compose_cfg("eval", [*args, f"attacks.gap.path={tmp_path / 'none.pt'}"],
+                             tmp_path / "c"))
+
+
 def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg, tmp_path):
     run = train(train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3",
                           "defense=none"))
     report = evaluate(compose_cfg("eval", [
         f"ckpt_path={run['best_checkpoint']}", "evaluation=full", "eps_grid=[0,8/255]",
         *[f"attacks.{a}.steps=2" for a in ("pgd", "pgd_hide", "pgd_add")],
+        "attacks.gap.epochs=1", "attacks.gap.max_batches=1", "attacks.gap.width=4",
         "trainer.limit_test_batches=1", f"output_dir={tmp_path / 'full'}"], tmp_path))
     assert report["task"] == "multilabel" and report["cascade"] is False
     assert set(report["skipped_attacks"]) == {"pgd_cw", "pgd_t", "aa"}
-    assert set(report["attacks"]) == {"fgsm", "pgd", "pgd_hide", "pgd_add"}
+    assert set(report["attacks"]) == {"fgsm", "pgd", "pgd_hide", "pgd_add", "gap"}
     rows = {(r["attack"], r["eps_str"]): r for r in report["results"]}
-    for name in ("fgsm", "pgd", "pgd_hide", "pgd_add", "worst"):  # share of changed sets
+    for name in ("fgsm", "pgd", "pgd_hide", "pgd_add", "gap", "worst"):  # changed sets
         assert 0 <= rows[(name, "8/255")]["fooling_rate"] <= 1
     assert rows[("pgd", "0")]["fooling_rate"] == 0
     assert "**skipped** `aa`" in (tmp_path / "full" / "summary.md").read_text()
