@@ -42,11 +42,13 @@ from lightning_modules.attacks import GAP, PGD, AutoAttack, parse_eps
 from lightning_modules.evaluation import EvaluationModule
 from lightning_modules.gap import fit_generator, load_generator, save_generator
 from lightning_modules.honesty import failed, model_checks, probe_checks, report_checks
+from lightning_modules.report import EvalReport, ResultRow, software_versions
 from lightning_modules.selection import chance_level
 from lightning_modules.tasks import SCORE_METRIC, Task
 from lightning_modules.utils import (
     ConfigError,
     exit_on_config_error,
+    format_eps,
     instantiate_node,
     register_resolvers,
     write_json,
@@ -233,42 +235,39 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             desc = {"norm": norm, "eps": parse_eps(eps_str), "steps": None, "restarts": None}
         else:
             desc = cell.describe()
-        rows.append({"attack": name, "norm": desc["norm"], "eps": desc["eps"], "eps_str": eps_str,
-                     "steps": desc.get("steps", 1), "restarts": desc.get("restarts", 1),
-                     "seconds": module.cost.get(kind, {}).get("seconds"),
-                     "images_attacked": module.cost.get(kind, {}).get("images_attacked"),
-                     **metrics})
-    report = {
-        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
-        "epoch": ckpt.get("epoch"),
-        "task": task,
-        "num_classes": num_classes,
-        "class_names": class_names,
-        "score_metric": SCORE_METRIC[task],
-        "chance": {SCORE_METRIC[task]: chance_level(task, num_classes)},
-        "split": split,
-        "n_images": module.n_images,
-        "subset": None if n_split is None else
+        rows.append(ResultRow(attack=name, norm=desc["norm"], eps=desc["eps"], eps_str=eps_str,
+                              steps=desc.get("steps", 1), restarts=desc.get("restarts", 1),
+                              seconds=module.cost.get(kind, {}).get("seconds"),
+                              images_attacked=module.cost.get(kind, {}).get("images_attacked"),
+                              metrics=metrics))
+    rep = EvalReport(
+        checkpoint=str(Path(cfg.ckpt_path).resolve()),
+        epoch=ckpt.get("epoch"),
+        dataset=train_cfg.datamodule.get("_target_"),
+        backbone=train_cfg.backbone.get("name", train_cfg.backbone.get("_target_")),
+        defense=train_cfg.defense.get("name", train_cfg.defense.get("_target_")),
+        train_threat=OmegaConf.to_container(train_cfg.get("threat", {}), resolve=True),
+        task=task, num_classes=num_classes, class_names=class_names,
+        score_metric=SCORE_METRIC[task],
+        chance={SCORE_METRIC[task]: chance_level(task, num_classes)},
+        split=split, n_images=module.n_images,
+        subset=None if n_split is None else
         f"{module.n_images} of {n_split} (seeded, class-stratified)",
-        "dataset": train_cfg.datamodule.get("_target_"),
-        "backbone": train_cfg.backbone.get("name", train_cfg.backbone.get("_target_")),
-        "defense": train_cfg.defense.get("name", train_cfg.defense.get("_target_")),
-        "train_threat": OmegaConf.to_container(train_cfg.get("threat", {}), resolve=True),
-        "precision": str(trainer.precision),
-        "devices": trainer.world_size,
-        "clean": module.results["clean"],
-        "evaluation": options.get("name"),
-        "attacks": {name: attacks[name].describe() for name in attacks},
-        "skipped_attacks": skipped,
-        "cascade": cascade,
-        "cost": cost_table(module.cost, module.n_images),
-        "gap": gap_info or None,
-        "worst_case": {k: v for k, v in module.evaluator.worst_case.items()} or None,
-        "results": rows,
-    }
+        threat_model={"norm": sorted({a.norm for a in attacks.values()}),
+                      "eps_grid": [format_eps(e) for e in eps_grid]},
+        evaluation=options.get("name"),
+        precision=str(trainer.precision), devices=trainer.world_size,
+        clean=module.results["clean"],
+        attacks={name: attacks[name].describe() for name in attacks},
+        skipped_attacks=skipped, cascade=cascade,
+        cost=cost_table(module.cost, module.n_images),
+        gap=gap_info or None,
+        worst_case=dict(module.evaluator.worst_case) or None,
+        results=rows, software=software_versions())
+    report = rep.as_dict()
     metrics = ("acc", SCORE_METRIC[task]) if SCORE_METRIC[task] != "acc" else ("acc",)
     kinds = {name: atk.name for name, atk in attacks.items()}
-    checks = report_checks(report["clean"], rows, module.n_images, metrics, kinds)
+    checks = report_checks(report["clean"], report["results"], module.n_images, metrics, kinds)
     if module.probe is not None:  # None on a DDP rank whose shard held no batch
         checks += model_checks(net, *module.probe, Task(task))
         reference = next((a for a in attacks.values() if type(a) is PGD and a.targeted is None),
@@ -282,9 +281,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for c in failed(checks):
         log.warning("honesty check failed: %s: %s", c.check, c.detail)
     report["wall_time_s"] = round(time.perf_counter() - start, 1)
+    report["output_dir"] = str(out_dir)
     if trainer.is_global_zero:
         write_report(report, out_dir)
-    report["output_dir"] = str(out_dir)
     bad = failed(checks)
     if bad and (cfg.get("evaluation") or {}).get("strict"):
         raise ConfigError(f"evaluation.strict=true and {len(bad)} honesty check(s) failed: "
@@ -363,6 +362,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"- backbone `{report['backbone']}`, defense `{report['defense']}`, trained at "
         f"{report['train_threat']}",
         "- clean: " + ", ".join(f"{k} {v:.4f}" for k, v in report["clean"].items()),
+        f"- evaluation `{report.get('evaluation')}`, {report.get('precision')} on "
+        f"{report.get('devices')} device(s); software: " + ", ".join(
+            f"{k} {v}" for k, v in (report.get("software") or {}).items() if v),
         f"- chance level: {score} {report['chance'][score]:.4f} (a constant predictor)",
         "",
         f"| attack | norm | eps | steps | restarts | acc | {score} | images attacked | "

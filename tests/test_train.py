@@ -194,6 +194,16 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     for name in ("report.json", "report.csv", "accuracy_vs_eps.png", "summary.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert report["n_images"] == 96
+    # report.json follows the typed schema and reads back
+    from lightning_modules.report import EvalReport
+
+    back = EvalReport.load(out / "report.json")
+    assert back.as_dict() == json.loads((out / "report.json").read_text())
+    assert back.software["torch"] and back.software["lightning"] and back.software["python"]
+    assert back.threat_model == {"norm": ["linf"], "eps_grid": ["0", "2/255", "8/255"]}
+    assert {r.attack for r in back.results} == {"fgsm", "pgd", "worst"}
+    with pytest.raises(ValueError, match="missing"):
+        EvalReport.from_dict({"results": []})
     # an honest model passes every honesty check, and the report and summary say so
     checks = {c["check"]: c["passed"] for c in report["checks"]}
     assert set(checks) == {"eps_zero_reproduces_clean", "monotone_in_eps", "outputs_are_logits",
