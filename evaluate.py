@@ -33,7 +33,7 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch.utils.data import Subset, TensorDataset
 
 from datamodules import complete_stored_config
@@ -304,6 +304,110 @@ def cost_table(cost: dict[str, dict], n_images: int) -> dict[str, Any]:
             if n_images and cost else None}
 
 
+def expand_checkpoints(value: Any) -> list[Path]:
+    """``ckpt_path``: one file, a list of files, or a run/multirun folder (the checkpoint each
+    finished run tested, from its ``metrics.json``)."""
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    out: list[Path] = []
+    for item in items:
+        p = Path(str(item)).expanduser()
+        if p.is_dir():
+            runs = sorted(p.rglob("metrics.json"))
+            tested = [json.loads(m.read_text()).get("best_checkpoint") for m in runs]
+            found = [Path(t) for t in tested if t]
+            if not found:
+                raise ConfigError(f"ckpt_path={str(p)!r} is a folder with no finished run "
+                                  "(no metrics.json naming a tested checkpoint)")
+            out += found
+        else:
+            out.append(p)
+    if not out:
+        raise ConfigError("ckpt_path is an empty list")
+    return out
+
+
+def evaluate_many(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate each checkpoint of ``ckpt_path`` (its report in its own folder), then write
+    one comparison (``comparison.{csv,md,png}``) into ``output_dir`` or this run's folder."""
+    paths = expand_checkpoints(cfg.ckpt_path)
+    reports = []
+    for i, path in enumerate(paths):
+        sub = cfg.copy()
+        with open_dict(sub):
+            sub.ckpt_path = str(path)
+            if cfg.get("output_dir"):  # each checkpoint in a folder of its own
+                sub.output_dir = str(Path(cfg.output_dir) / f"{i}-{path.parent.parent.name}"
+                                     f"-{path.stem}")
+        log.info("checkpoint %d of %d: %s", i + 1, len(paths), path)
+        reports.append(evaluate(sub))
+    out_dir = Path(cfg.output_dir or cfg.paths.output_dir)
+    rows = comparison_rows(reports)
+    write_comparison(rows, reports, out_dir)
+    return {"reports": reports, "comparison": rows, "output_dir": str(out_dir)}
+
+
+def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per checkpoint: clean metrics and, per eps > 0, the weakest result over its attacks
+    (the worst case when there is one)."""
+    rows = []
+    for rep in reports:
+        score = rep["score_metric"]
+        row = {"checkpoint": rep["checkpoint"], "defense": rep["defense"], "epoch": rep["epoch"],
+               "n_images": rep["n_images"], "clean_acc": rep["clean"]["acc"],
+               f"clean_{score}": rep["clean"][score],
+               "failed_checks": sum(not c["passed"] for c in rep["checks"])}
+        for r in rep["results"]:
+            if r["eps"] == 0:
+                continue
+            key = f"robust_{score}@{r['eps_str']}"
+            row[key] = min(row.get(key, 1.0), r[score])
+            key = f"robust_acc@{r['eps_str']}"
+            row[key] = min(row.get(key, 1.0), r["acc"])
+        rows.append(row)
+    return rows
+
+
+def write_comparison(rows: list[dict], reports: list[dict], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with (out_dir / "comparison.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    heads = [f for f in fields if f not in ("checkpoint",)]
+    lines = ["# Comparison of checkpoints", "",
+             "Robust columns: per radius, the lowest result over the attacks that ran (the "
+             "per-sample worst case when there were two or more).", "",
+             "| # | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for i, r in enumerate(rows):
+        cells = [f"{r.get(h):.4f}" if isinstance(r.get(h), float) else str(r.get(h, "-"))
+                 for h in heads]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    lines += ["", *[f"{i}. `{r['checkpoint']}`" for i, r in enumerate(rows)], "",
+              "![comparison](comparison.png)", ""]
+    (out_dir / "comparison.md").write_text("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    score = reports[0]["score_metric"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (row, rep) in enumerate(zip(rows, reports, strict=True)):
+        eps = sorted({r["eps"] for r in rep["results"]})
+        vals = [rep["clean"][score] if e == 0 else
+                min(r[score] for r in rep["results"] if r["eps"] == e) for e in eps]
+        ax.plot([e * 255 for e in eps], vals, marker="o", label=f"{i}: {row['defense']}")
+    ax.set_xlabel("epsilon (x 1/255)")
+    ax.set_ylabel(f"{score} (weakest over attacks)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "comparison.png", dpi=100)
+    plt.close(fig)
+
+
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     """report.json, report.csv, accuracy_vs_eps.png and summary.md in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -409,10 +513,17 @@ def summary_markdown(report: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    rank0 = not torch.distributed.is_available() or not torch.distributed.is_initialized() \
+        or torch.distributed.get_rank() == 0
     with exit_on_config_error(log):
+        if isinstance(cfg.ckpt_path, ListConfig) or Path(str(cfg.ckpt_path)).is_dir():
+            many = evaluate_many(cfg)
+            if rank0:
+                print((Path(many["output_dir"]) / "comparison.md").read_text(), flush=True)
+            print(f"comparison written to {many['output_dir']}", flush=True)
+            return
         report = evaluate(cfg)
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
-            or torch.distributed.get_rank() == 0:
+    if rank0:
         print(summary_markdown(report), flush=True)
     print(f"report written to {report['output_dir']}", flush=True)
 

@@ -155,6 +155,31 @@ def test_evaluate_gap_fits_saves_and_reuses_its_generator(undefended_run, tmp_pa
                              tmp_path / "c"))
 
 
+def test_evaluate_several_checkpoints_gives_one_comparison(undefended_run, tmp_path):
+    from evaluate import evaluate_many
+
+    best, last = undefended_run["best_checkpoint"], undefended_run["last_checkpoint"]
+    base = ["evaluation=quick", "attacks.pgd.steps=2", "eps_grid=[0,8/255]",
+            "trainer.limit_test_batches=1"]
+    many = evaluate_many(compose_cfg("eval", [f"ckpt_path=[{best},{last}]", *base,
+                                              f"output_dir={tmp_path / 'cmp'}"], tmp_path))
+    assert [r["checkpoint"] for r in many["reports"]] == [best, last]
+    dirs = {r["output_dir"] for r in many["reports"]}
+    assert len(dirs) == 2  # each report in a folder of its own
+    for name in ("comparison.csv", "comparison.md", "comparison.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 0
+    rows = list(csv.DictReader((tmp_path / "cmp" / "comparison.csv").open()))
+    assert len(rows) == 2 and "robust_bal_acc@8/255" in rows[0]
+    assert float(rows[0]["clean_acc"]) == many["reports"][0]["clean"]["acc"]
+    # a run folder: the checkpoint its metrics.json says was tested
+    run_dir = Path(undefended_run["output_dir"])
+    folder = evaluate_many(compose_cfg("eval", [f"ckpt_path={run_dir}", *base], tmp_path / "f"))
+    assert [r["checkpoint"] for r in folder["reports"]] == [best]
+    assert (tmp_path / "f" / "comparison.md").is_file()
+    with pytest.raises(ConfigError, match="no finished run"):
+        evaluate_many(compose_cfg("eval", [f"ckpt_path={tmp_path / 'cmp'}", *base], tmp_path))
+
+
 def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg, tmp_path):
     run = train(train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3",
                           "defense=none"))
