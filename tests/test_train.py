@@ -180,6 +180,29 @@ def test_evaluate_several_checkpoints_gives_one_comparison(undefended_run, tmp_p
         evaluate_many(compose_cfg("eval", [f"ckpt_path={tmp_path / 'cmp'}", *base], tmp_path))
 
 
+def test_evaluate_report_to_wandb_offline(undefended_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    import wandb
+
+    out = tmp_path / "wb"
+    try:
+        evaluate(compose_cfg("eval", [f"ckpt_path={undefended_run['best_checkpoint']}",
+                                      "evaluation=quick", "attacks.pgd.steps=2",
+                                      "eps_grid=[0,8/255]", "trainer.limit_test_batches=1",
+                                      "logger=wandb", f"output_dir={out}"], tmp_path))
+    finally:
+        wandb.finish()
+    runs = list(out.glob("wandb/offline-run-*"))
+    assert len(runs) == 1
+    media = runs[0] / "files" / "media"
+    table = json.loads(next(media.glob("table/eval/results_*.table.json")).read_text())
+    rows = {(r[0], r[2]): dict(zip(table["columns"], r, strict=True)) for r in table["data"]}
+    assert set(rows) == {("clean", "0"), ("pgd", "0"), ("pgd", "8/255")}
+    assert rows[("pgd", "0")]["acc"] == rows[("clean", "0")]["acc"]
+    assert list(media.glob("table/eval/checks_*.table.json"))
+    assert list(media.glob("images/eval/metric_vs_eps_*.png"))
+
+
 def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg, tmp_path):
     run = train(train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3",
                           "defense=none"))
