@@ -25,6 +25,7 @@ import csv
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,19 @@ def prepare_gap(cfg: DictConfig, attacks: dict, net, task: str, train_cfg: DictC
     return info
 
 
+def resume_signature(cfg: DictConfig, ckpt: dict, attacks: dict, eps_grid: list[float],
+                     cascade: bool, split: str, n_split: int | None) -> dict[str, Any]:
+    """What saved batches must match to be reused after a kill (plain values only)."""
+    return json.loads(json.dumps({
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()), "epoch": ckpt.get("epoch"),
+        "global_step": ckpt.get("global_step"), "split": split, "subset": cfg.get("subset"),
+        "n_split": n_split, "seed": cfg.get("seed"), "eps_grid": eps_grid, "cascade": cascade,
+        "attacks": {n: a.describe() for n, a in attacks.items()},
+        "datamodule": OmegaConf.to_container(cfg.datamodule, resolve=True)
+        if cfg.get("datamodule") else None,
+        "trainer": OmegaConf.to_container(cfg.trainer, resolve=True)}, default=str))
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the grid through a Trainer and write the report (rank 0); returns the report."""
     start = time.perf_counter()
@@ -208,7 +222,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         module = EvaluationModule(net, task, num_classes, attacks, eps_grid,
                                   channels_last=bool(train_cfg.get("module", {})
                                                      .get("channels_last")),  # as trained
-                                  class_names=class_names, cascade=cascade)
+                                  class_names=class_names, cascade=cascade,
+                                  resume_dir=out_dir / "partial" if cfg.get("resume", True)
+                                  else None,
+                                  signature=resume_signature(cfg, ckpt, attacks, eps_grid,
+                                                             cascade, split, n_split))
     except ValueError as err:
         raise ConfigError(f"attacks: {err}") from err
     # every image once across DDP ranks: no DistributedSampler padding with duplicates
@@ -263,7 +281,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cost=cost_table(module.cost, module.n_images),
         gap=gap_info or None,
         worst_case=dict(module.evaluator.worst_case) or None,
-        results=rows, software=software_versions())
+        results=rows, software=software_versions(), resumed_batches=module.resumed)
     report = rep.as_dict()
     metrics = ("acc", SCORE_METRIC[task]) if SCORE_METRIC[task] != "acc" else ("acc",)
     kinds = {name: atk.name for name, atk in attacks.items()}
@@ -285,6 +303,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_report(report, out_dir)
         log_report(cfg, report, out_dir)
+        shutil.rmtree(out_dir / "partial", ignore_errors=True)  # the report holds it all now
     bad = failed(checks)
     if bad and (cfg.get("evaluation") or {}).get("strict"):
         raise ConfigError(f"evaluation.strict=true and {len(bad)} honesty check(s) failed: "

@@ -14,13 +14,14 @@ norm, each radius above 0 also gets ``worst@<eps>``: the per-sample worst case o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
 
 from .attacks import Attack
-from .robust_eval import RobustEvaluator
+from .robust_eval import EvalBatch, RobustEvaluator
 from .utils import format_eps, to_memory_format
 
 __all__ = ["EvaluationModule", "grid_cells"]
@@ -58,6 +59,9 @@ class EvaluationModule(L.LightningModule):
         channels_last: run in channels-last memory format (as the training run did).
         cascade: at each radius, each attack runs only on the images every earlier attack
             failed on (rows become cumulative; see :class:`RobustEvaluator`).
+        resume_dir: keep each batch's logits and costs there (``rank<r>-batch<i>.pt``); a
+            batch already saved with the same ``signature`` and labels is not attacked
+            again, so a killed evaluation resumes (later batches draw fresh random starts).
 
     After ``trainer.test(...)`` or ``trainer.validate(...)``, :attr:`results` holds
     ``{kind: {metric: value}}`` (``clean``, each cell, each worst case) and :attr:`n_images`
@@ -68,7 +72,8 @@ class EvaluationModule(L.LightningModule):
     def __init__(self, net: nn.Module, task: str, num_classes: int,
                  attacks: Mapping[str, Attack], eps_grid: Sequence[float],
                  channels_last: bool = False, class_names: list[str] | None = None,
-                 cascade: bool = False) -> None:
+                 cascade: bool = False, resume_dir: Path | None = None,
+                 signature: dict | None = None) -> None:
         super().__init__()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format)
@@ -80,6 +85,9 @@ class EvaluationModule(L.LightningModule):
         self.n_images = 0
         self.cost: dict[str, dict[str, float]] = {}
         self.probe: tuple[torch.Tensor, torch.Tensor] | None = None  # first batch (checks)
+        self.resume_dir = None if resume_dir is None else Path(resume_dir)
+        self.signature = signature or {}
+        self.resumed = 0  # batches read back from resume_dir
 
     def on_test_start(self) -> None:
         if torch.is_inference_mode_enabled():
@@ -93,7 +101,21 @@ class EvaluationModule(L.LightningModule):
         x, y = batch
         if batch_idx == 0:  # kept for the honesty checks' model probes, no second data pass
             self.probe = (x.detach(), y.detach())
-        self.evaluator.update(self.net, to_memory_format(x, self.memory_format), y)
+        path = None if self.resume_dir is None else \
+            self.resume_dir / f"rank{self.global_rank}-batch{batch_idx:06d}.pt"
+        if path is not None and path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("signature") == self.signature and torch.equal(saved["y"], y.cpu()):
+                self.evaluator.record(EvalBatch.from_state(saved["batch"], y.device), y)
+                self.resumed += 1
+                return
+        out = self.evaluator.attack_batch(self.net, to_memory_format(x, self.memory_format), y)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"signature": self.signature, "y": y.cpu(), "batch": out.state()}, tmp)
+            tmp.replace(path)
+        self.evaluator.record(out, y)
 
     validation_step = test_step
 

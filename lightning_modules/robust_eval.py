@@ -47,6 +47,21 @@ class EvalBatch:
     clean: torch.Tensor
     adv: dict[str, torch.Tensor] = field(default_factory=dict)
     worst: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per attack
+    attacked: dict[str, int] = field(default_factory=dict)   # images per attack
+
+    def state(self) -> dict:
+        """Tensors and plain values (``torch.save`` / ``weights_only`` load), on the CPU."""
+        return {"clean": self.clean.cpu(), "adv": {k: v.cpu() for k, v in self.adv.items()},
+                "worst": {k: v.cpu() for k, v in self.worst.items()},
+                "seconds": dict(self.seconds), "attacked": dict(self.attacked)}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> EvalBatch:
+        return cls(clean=state["clean"].to(device),
+                   adv={k: v.to(device) for k, v in state["adv"].items()},
+                   worst={k: v.to(device) for k, v in state["worst"].items()},
+                   seconds=dict(state["seconds"]), attacked=dict(state["attacked"]))
 
 
 def worst_case_logits(candidates: Sequence[torch.Tensor], y: torch.Tensor,
@@ -139,11 +154,16 @@ class RobustEvaluator(nn.Module):
 
     def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EvalBatch:
         """Attack ``(x, y)`` (images in [0, 1]) with every attack and update every metric."""
+        out = self.attack_batch(model, x, y)
+        self.record(out, y)
+        return out
+
+    def attack_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EvalBatch:
+        """Clean, adversarial and worst-case logits of one batch, and each attack's cost."""
         with torch.no_grad():
             out = EvalBatch(clean=model(x))
         running: dict[str, torch.Tensor] = {}  # cascade: worst logits of each group so far
-        for (name, attack), secs, count in zip(self.attacks.items(), self.seconds,
-                                               self.attacked, strict=True):
+        for name, attack in self.attacks.items():
             group = self.group_of.get(name)
             start = _clock(x)
             if group is None:
@@ -162,11 +182,20 @@ class RobustEvaluator(nn.Module):
                 out.adv[name] = running[group] = worst_case_logits([worst, logits], y,
                                                                    self.task)
                 n_attacked = todo.numel()
-            secs.update(torch.tensor(_clock(x) - start, dtype=torch.float64, device=x.device))
-            count.update(torch.tensor(float(n_attacked), device=x.device))
+            out.seconds[name] = _clock(x) - start
+            out.attacked[name] = int(n_attacked)
         for group, names in self.worst_case.items():
             out.worst[group] = worst_case_logits([out.clean, *(out.adv[n] for n in names)], y,
                                                  self.task)
+        return out
+
+    def record(self, out: EvalBatch, y: torch.Tensor) -> None:
+        """Update every metric and cost from one batch's logits (fresh, or a saved batch of
+        an interrupted evaluation)."""
+        device = out.clean.device
+        for name, secs, count in zip(self.attacks, self.seconds, self.attacked, strict=True):
+            secs.update(torch.tensor(out.seconds[name], dtype=torch.float64, device=device))
+            count.update(torch.tensor(float(out.attacked[name]), device=device))
         target = y.long()
         logits = {CLEAN: out.clean, **out.adv, **out.worst}
         clean_pred = predictions(out.clean, self.task)
@@ -177,10 +206,9 @@ class RobustEvaluator(nn.Module):
             if kind != CLEAN:
                 changed = predictions(logits[kind], self.task) != clean_pred
                 fool.update((changed if changed.dim() == 1 else changed.any(dim=1)).float())
-        self.n_images.update(torch.tensor(float(x.shape[0]), device=x.device))
+        self.n_images.update(torch.tensor(float(y.shape[0]), device=device))
         if self.clean_predictions is not None:
             self.clean_predictions.update(out.clean)
-        return out
 
     def compute(self, class_names: list[str] | None = None) -> dict[str, dict[str, float]]:
         """``{kind: {metric: value}}`` for ``clean``, each attack and each worst-case group,

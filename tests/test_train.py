@@ -203,6 +203,35 @@ def test_evaluate_report_to_wandb_offline(undefended_run, tmp_path, monkeypatch)
     assert list(media.glob("images/eval/metric_vs_eps_*.png"))
 
 
+def test_killed_evaluation_resumes_from_its_saved_batches(undefended_run, tmp_path,
+                                                          monkeypatch):
+    from lightning_modules.robust_eval import RobustEvaluator
+
+    args = [f"ckpt_path={undefended_run['best_checkpoint']}", "evaluation=quick", "~attacks.pgd",
+            "+attack@attacks.fgsm=fgsm", "eps_grid=[0,8/255]",  # FGSM: deterministic
+            "+datamodule.eval_batch_size=32", f"output_dir={tmp_path / 'r'}"]
+    fresh = evaluate(compose_cfg("eval", [*args[:-1], f"output_dir={tmp_path / 'f'}"], tmp_path))
+    assert fresh["resumed_batches"] == 0 and not (tmp_path / "f" / "partial").exists()
+    real, calls = RobustEvaluator.attack_batch, []
+
+    def dies_on_third_batch(self, model, x, y):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(self, model, x, y)
+
+    monkeypatch.setattr(RobustEvaluator, "attack_batch", dies_on_third_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate(compose_cfg("eval", args, tmp_path))
+    assert len(list((tmp_path / "r" / "partial").glob("rank0-batch*.pt"))) == 2
+    monkeypatch.setattr(RobustEvaluator, "attack_batch", real)
+    resumed = evaluate(compose_cfg("eval", args, tmp_path))
+    assert resumed["resumed_batches"] == 2 and resumed["n_images"] == fresh["n_images"] == 96
+    assert resumed["clean"] == fresh["clean"]
+    assert [r["acc"] for r in resumed["results"]] == [r["acc"] for r in fresh["results"]]
+    assert not (tmp_path / "r" / "partial").exists()  # removed once the report is written
+
+
 def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg, tmp_path):
     run = train(train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3",
                           "defense=none"))
