@@ -254,7 +254,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         else:
             desc = cell.describe()
         rows.append(ResultRow(attack=name, norm=desc["norm"], eps=desc["eps"], eps_str=eps_str,
-                              steps=desc.get("steps", 1), restarts=desc.get("restarts", 1),
+                              steps=desc.get("steps"), restarts=desc.get("restarts"),
                               seconds=module.cost.get(kind, {}).get("seconds"),
                               images_attacked=module.cost.get(kind, {}).get("images_attacked"),
                               metrics=metrics))

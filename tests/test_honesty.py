@@ -90,6 +90,18 @@ def test_pgd_and_autoattack_agree_check():
             "pgd_and_autoattack_agree"}
     assert "pgd_and_autoattack_agree" not in {
         c.check for c in report_checks(clean, far, n_images=100)}  # no AutoAttack row: no check
+    # AutoAttack's extra finds in small classes show in balanced accuracy, not in accuracy
+    small = [{**_row("pgd", 2 / 255, 0.35), "bal_acc": 0.39},
+             {**_row("aa", 2 / 255, 0.34), "bal_acc": 0.31}]
+    checks = report_checks({"acc": 0.9, "bal_acc": 0.8}, small, n_images=300,
+                           metrics=("acc", "bal_acc"), kinds=kinds)
+    assert _names(checks) == {"pgd_and_autoattack_agree"}
+    assert "bal_acc" in next(c.detail for c in checks if not c.passed)
+
+
+def test_checks_with_nothing_to_test_are_left_out():
+    names = {c.check for c in report_checks({"acc": 0.9}, [_row("pgd", 2 / 255, 0.5)], 100)}
+    assert not names & {"eps_zero_reproduces_clean", "monotone_in_eps"}
 
 
 # ----------------------------------------------------------------- attack probes (one batch)
