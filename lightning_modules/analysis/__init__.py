@@ -1,0 +1,12 @@
+"""How adversarial examples break a model (Xu et al., Medical Image Analysis 2021), in plain
+PyTorch, NumPy and scikit-learn: ``features`` (intermediate activations, relative distance
+clean vs adversarial per stage, penultimate features), ``discriminability`` (t-SNE, silhouette,
+linear probe), ``labels`` (finding co-occurrence and correlation of predictions)."""
+
+from .discriminability import discriminability, tsne_2d
+from .features import feature_stages, penultimate_features, relative_feature_distance
+from .labels import cooccurrence, correlation_distance, prediction_correlation
+
+__all__ = ["cooccurrence", "correlation_distance", "discriminability", "feature_stages",
+           "penultimate_features", "prediction_correlation", "relative_feature_distance",
+           "tsne_2d"]
