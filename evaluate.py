@@ -35,10 +35,12 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from datamodules import complete_stored_config
+from datamodules.dataset import skip_none_collate
 from datamodules.splits import stratified_subset
+from lightning_modules.analysis import run_analyses
 from lightning_modules.attacks import GAP, PGD, AutoAttack, parse_eps
 from lightning_modules.evaluation import EvaluationModule
 from lightning_modules.gap import fit_generator, load_generator, save_generator
@@ -173,6 +175,33 @@ def prepare_gap(cfg: DictConfig, attacks: dict, net, task: str, train_cfg: DictC
     return info
 
 
+def analyses(cfg: DictConfig, options: Any, net, datamodule, split: str, task: str,
+             num_classes: int, attacks: dict, eps_grid: list[float], class_names, out_dir: Path
+             ) -> dict[str, Any]:
+    """The second study's analyses (lightning_modules/analysis) on a seeded random sample of
+    ``evaluation.analysis_images`` images of the split, with the untargeted PGD and GAP
+    attacks at the largest radius; figures in ``<output dir>/analyses/``."""
+    eps = max(eps_grid)
+    chosen = {n: a.with_eps(eps) for n, a in attacks.items()
+              if (type(a) is PGD and a.targeted is None) or isinstance(a, GAP)}
+    if not chosen or eps == 0:
+        log.warning("evaluation.analyses: no untargeted PGD or GAP attack, or eps_grid is all 0")
+        return {"skipped": "no untargeted PGD or GAP attack at an eps > 0"}
+    ds = datamodule.datasets[split]
+    n = min(int(options.get("analysis_images") or 256), len(ds))
+    gen = torch.Generator().manual_seed(int(cfg.get("seed") or 0))
+    pick = torch.randperm(len(ds), generator=gen)[:n].tolist()
+    loader = DataLoader(Subset(ds, pick), batch_size=n, collate_fn=skip_none_collate)
+    x, y = next(iter(loader))
+    device = next(net.parameters()).device
+    start = time.perf_counter()
+    result = run_analyses(net, x.to(device), y.to(device), Task(task), num_classes, chosen,
+                          out_dir / "analyses", class_names, seed=int(cfg.get("seed") or 0))
+    result.update(eps=format_eps(eps), attacks=list(chosen),
+                  seconds=round(time.perf_counter() - start, 1))
+    return result
+
+
 def resume_signature(cfg: DictConfig, ckpt: dict, attacks: dict, eps_grid: list[float],
                      cascade: bool, split: str, n_split: int | None) -> dict[str, Any]:
     """What saved batches must match to be reused after a kill (plain values only)."""
@@ -285,7 +314,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     report = rep.as_dict()
     metrics = ("acc", SCORE_METRIC[task]) if SCORE_METRIC[task] != "acc" else ("acc",)
     kinds = {name: atk.name for name, atk in attacks.items()}
-    checks = report_checks(report["clean"], report["results"], module.n_images, metrics, kinds)
+    checks = report_checks(report["clean"], report["results"], module.n_images, metrics, kinds,
+                           bounded=("acc", "bal_acc") if task == "multiclass" else ())
     if module.probe is not None:  # None on a DDP rank whose shard held no batch
         checks += model_checks(net, *module.probe, Task(task))
         reference = next((a for a in attacks.values() if type(a) is PGD and a.targeted is None),
@@ -295,6 +325,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                                     if isinstance(a, AutoAttack)])
             checks += probe_checks(net, *module.probe, Task(task), num_classes,
                                    reference.with_eps(max(eps_grid)), square_queries=queries)
+    if options.get("analyses") and trainer.is_global_zero:
+        report["analyses"] = analyses(cfg, options, net, datamodule, split, task, num_classes,
+                                      attacks, eps_grid, class_names, out_dir)
     report["checks"] = [c.as_dict() for c in checks]
     for c in failed(checks):
         log.warning("honesty check failed: %s: %s", c.check, c.detail)
@@ -530,6 +563,10 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
     score = report["score_metric"]
     lines = [
@@ -583,6 +620,25 @@ def summary_markdown(report: dict[str, Any]) -> str:
         lines += [f"- {'ok' if c['passed'] else '**FAILED**'} {c['check']}: {c['detail']}"
                   for c in checks]
     lines += ["", "![accuracy vs epsilon](accuracy_vs_eps.png)", ""]
+    ana = report.get("analyses") or {}
+    if ana.get("files"):
+        lines += [f"## Analyses (Xu et al. 2021): {ana['n_images']} images, "
+                  f"{', '.join(ana['attacks'])} at {ana['eps']}", ""]
+        lines += ["Relative feature distance ||f(x') - f(x)|| / ||f(x)|| per stage:", "",
+                  "| attack | " + " | ".join(next(iter(ana["feature_distance"].values())))
+                  + " |", "|---|" + "---|" * len(next(iter(ana["feature_distance"].values())))]
+        lines += [f"| {a} | " + " | ".join(f"{v:.3f}" for v in d.values()) + " |"
+                  for a, d in ana["feature_distance"].items()]
+        lines += ["", "Penultimate features: silhouette of the classes and a linear probe's "
+                  "cross-validated accuracy:", "", "| features | silhouette | probe acc |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(d['silhouette'])} | {_fmt(d['probe_acc'])} |"
+                  for k, d in ana["discriminability"].items()]
+        if "label_correlation" in ana:
+            lines += ["", "Frobenius distance of the finding correlation to the ground truth's: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in
+                                  ana["label_correlation"]["distance_to_truth"].items())]
+        lines += [""] + [f"![{k}](analyses/{f})" for k, f in ana["files"].items()] + [""]
     return "\n".join(lines)
 
 

@@ -34,12 +34,17 @@ class Check:
 
 def report_checks(clean: dict, rows: list[dict], n_images: int,
                   metrics: tuple[str, ...] = ("acc",), kinds: dict[str, str] | None = None,
-                  agree: float = 0.05) -> list[Check]:
+                  agree: float = 0.05, bounded: tuple[str, ...] = ("acc", "bal_acc")
+                  ) -> list[Check]:
     """Checks on the metric rows of one report (``attack``, ``eps``, metric values):
 
     - ``eps_zero_reproduces_clean``: every eps = 0 row equals the clean metrics;
     - ``monotone_in_eps``: no attack's metric rises with eps by more than one image;
-    - ``worst_case_not_above_attacks``: each ``worst`` row is at most every attack at its eps;
+    - ``worst_case_not_above_attacks``: each ``worst`` row is at most every attack at its eps,
+      in the metrics of ``bounded`` (default: accuracy and balanced accuracy of a single-label
+      task). A per-sample worst case bounds only metrics that count per-sample successes:
+      not AUROC (a ranking over images) nor a multi-label task's per-finding accuracy, for
+      which the check is left out (``bounded=()``);
     - ``pgd_and_autoattack_agree`` (when ``kinds``, row name -> attack kind, has both a
       ``pgd`` and an ``autoattack``): at each eps, AutoAttack's accuracy is not above PGD's by
       more than one image, and no metric (accuracy, balanced accuracy) is below PGD's by more
@@ -74,8 +79,9 @@ def report_checks(clean: dict, rows: list[dict], n_images: int,
         for r in rows:
             if r["attack"] != "worst" and r["eps"] == w["eps"]:
                 above += [f"worst {m} {w[m]:.4f} > {r['attack']} {r[m]:.4f} @ {w['eps_str']}"
-                          for m in metrics if m in w and m in r and w[m] > r[m] + 1e-9]
-    if by_attack.get("worst"):
+                          for m in metrics if m in bounded and m in w and m in r
+                          and w[m] > r[m] + 1e-9]
+    if by_attack.get("worst") and set(bounded) & set(metrics):
         out.append(Check("worst_case_not_above_attacks", not above,
                          "; ".join(above) if above else "worst case <= every attack"))
     kinds = kinds or {}

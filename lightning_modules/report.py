@@ -82,6 +82,7 @@ class EvalReport:
     software: dict[str, str | None] = field(default_factory=dict)
     wall_time_s: float | None = None
     output_dir: str | None = None
+    analyses: dict[str, Any] | None = None  # evaluation.analyses: the second study's analyses
     resumed_batches: int = 0      # batches read back from an interrupted run's partial files
     schema_version: int = SCHEMA_VERSION
 

@@ -110,7 +110,8 @@ def test_option_composes_and_builds(group, option, tmp_path, ham_dir, monkeypatc
 
 @pytest.mark.parametrize("preset,attacks,cascade", [
     ("quick", {"pgd"}, False), ("standard", {"pgd", "aa"}, True),
-    ("full", {"fgsm", "pgd", "pgd_cw", "pgd_t", "aa", "pgd_hide", "pgd_add", "gap"}, False)])
+    ("full", {"fgsm", "pgd", "pgd_cw", "pgd_t", "aa", "pgd_hide", "pgd_add", "gap"}, False),
+    ("xu2021", {"pgd", "gap"}, False)])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_eval_config_composes(tmp_path, preset, attacks, cascade, norm):
     cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", f"evaluation={preset}",

@@ -99,6 +99,16 @@ def test_pgd_and_autoattack_agree_check():
     assert "bal_acc" in next(c.detail for c in checks if not c.passed)
 
 
+def test_worst_case_bounds_only_per_sample_metrics():
+    # AUROC ranks images: a per-sample worst case of two attacks can rank better than either
+    rows = [{**_row("pgd", 2 / 255, 0.2), "auroc": 0.04}, {**_row("worst", 2 / 255, 0.2),
+                                                            "auroc": 0.55}]
+    clean = {"acc": 0.9, "auroc": 0.9}
+    assert not failed(report_checks(clean, rows, 100, metrics=("acc", "auroc")))
+    assert "worst_case_not_above_attacks" not in {  # multi-label: no bounded metric
+        c.check for c in report_checks(clean, rows, 100, metrics=("acc", "auroc"), bounded=())}
+
+
 def test_checks_with_nothing_to_test_are_left_out():
     names = {c.check for c in report_checks({"acc": 0.9}, [_row("pgd", 2 / 255, 0.5)], 100)}
     assert not names & {"eps_zero_reproduces_clean", "monotone_in_eps"}

@@ -232,6 +232,39 @@ def test_killed_evaluation_resumes_from_its_saved_batches(undefended_run, tmp_pa
     assert not (tmp_path / "r" / "partial").exists()  # removed once the report is written
 
 
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_evaluate_xu2021_preset_writes_the_analyses(undefended_run, train_cfg, tmp_path,
+                                                    multilabel):
+    ckpt = undefended_run["best_checkpoint"]
+    if multilabel:
+        ckpt = train(train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3",
+                               "defense=none"))["best_checkpoint"]
+    report = evaluate(compose_cfg("eval", [
+        f"ckpt_path={ckpt}", "evaluation=xu2021", "eps_grid=[0,8/255]", "attacks.pgd.steps=3",
+        "attacks.gap.epochs=1", "attacks.gap.max_batches=2", "attacks.gap.width=4",
+        "evaluation.analysis_images=40", "evaluation.probes=false",
+        f"output_dir={tmp_path / 'xu'}"], tmp_path))
+    ana = report["analyses"]
+    assert ana["attacks"] == ["pgd", "gap"] and ana["eps"] == "8/255"
+    assert ana["n_images"] == min(40, report["n_images"])
+    assert not [c for c in report["checks"] if not c["passed"]], report["checks"]
+    assert list(ana["feature_distance"]["pgd"]) == ["block1", "block2", "block3", "pooled"]
+    assert all(v > 0 for d in ana["feature_distance"].values() for v in d.values())
+    assert set(ana["discriminability"]) == {"clean", "pgd", "gap"}
+    for name in ana["files"].values():
+        assert (tmp_path / "xu" / "analyses" / name).stat().st_size > 0, name
+    if multilabel:
+        corr = ana["label_correlation"]
+        assert set(corr["distance_to_truth"]) == {"clean", "pgd", "gap"}
+        assert len(corr["cooccurrence"]["truth"]) == 3
+    else:
+        conf = ana["confusion"]
+        assert sum(map(sum, conf["clean"])) == ana["n_images"] and len(conf["pgd"]) == 4
+        assert "examples" in ana["files"]
+    summary = (tmp_path / "xu" / "summary.md").read_text()
+    assert "## Analyses" in summary and "analyses/tsne.png" in summary
+
+
 def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg, tmp_path):
     run = train(train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3",
                           "defense=none"))

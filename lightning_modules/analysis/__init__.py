@@ -1,12 +1,14 @@
 """How adversarial examples break a model (Xu et al., Medical Image Analysis 2021), in plain
 PyTorch, NumPy and scikit-learn: ``features`` (intermediate activations, relative distance
 clean vs adversarial per stage, penultimate features), ``discriminability`` (t-SNE, silhouette,
-linear probe), ``labels`` (finding co-occurrence and correlation of predictions)."""
+linear probe), ``labels`` (finding co-occurrence and correlation of predictions), ``report``
+(all of them on one set of test images, with figures)."""
 
 from .discriminability import discriminability, tsne_2d
 from .features import feature_stages, penultimate_features, relative_feature_distance
 from .labels import cooccurrence, correlation_distance, prediction_correlation
+from .report import run_analyses
 
 __all__ = ["cooccurrence", "correlation_distance", "discriminability", "feature_stages",
            "penultimate_features", "prediction_correlation", "relative_feature_distance",
-           "tsne_2d"]
+           "run_analyses", "tsne_2d"]

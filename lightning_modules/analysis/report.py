@@ -1,0 +1,176 @@
+"""The second study's analyses on one set of test images, as numbers and figures (Xu et al.,
+Medical Image Analysis 2021): feature distance across depth, t-SNE of penultimate features with
+silhouette and linear-probe numbers, confusion matrices (single-label) or label correlation
+(multi-label), and a grid of the most confidently fooled examples. Plain PyTorch, NumPy,
+scikit-learn and matplotlib; ``evaluate.py`` calls :func:`run_analyses` with
+``evaluation.analyses`` (``evaluation=xu2021``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..attacks import Attack, attack_mode
+from ..tasks import Task
+from .discriminability import discriminability, tsne_2d
+from .features import feature_stages, penultimate_features, relative_feature_distance
+from .labels import cooccurrence, correlation_distance, prediction_correlation
+
+__all__ = ["run_analyses"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros((k, k), dtype=np.int64)
+    np.add.at(out, (y, pred), 1)
+    return out
+
+
+def run_analyses(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
+                 num_classes: int, attacks: Mapping[str, Attack], out_dir: Path,
+                 class_names: list[str] | None = None, seed: int = 0,
+                 tsne_images: int = 300) -> dict[str, Any]:
+    """Attack ``(x, y)`` with each attack, write the figures into ``out_dir`` and return the
+    numbers: ``feature_distance[attack][stage]``, ``discriminability[clean|attack]``,
+    ``confusion`` or ``label_correlation``, and the file names."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    k = num_classes
+    names = class_names or [str(i) for i in range(k)]
+    with attack_mode(net, "eval"):
+        adv = {name: atk(net, x, y, task) for name, atk in attacks.items()}
+        with torch.no_grad():
+            logits = {"clean": net(x).float(), **{n: net(a).float() for n, a in adv.items()}}
+        stages = feature_stages(net)
+        result: dict[str, Any] = {"n_images": int(x.shape[0]), "files": {}}
+        result["feature_distance"] = {n: relative_feature_distance(net, x, a, stages)
+                                      for n, a in adv.items()}
+        gen = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(x.shape[0], generator=gen)[:tsne_images]
+        feats = {"clean": penultimate_features(net, x[pick]),
+                 **{n: penultimate_features(net, a[pick]) for n, a in adv.items()}}
+    # 1. feature distance across depth
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, dist in result["feature_distance"].items():
+        ax.plot(list(dist), list(dist.values()), marker="o", label=n)
+    ax.set_ylabel("||f(x') - f(x)|| / ||f(x)||")
+    ax.set_xlabel("stage (shallow to deep)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "feature_distance.png", dpi=100)
+    plt.close(fig)
+    result["files"]["feature_distance"] = "feature_distance.png"
+    # 2. discriminability of penultimate features (single-label: by true class; multi-label:
+    #    by the first positive finding, "none" as its own group)
+    yp = y[pick].cpu().numpy()
+    groups = yp if task.single_label else np.where(yp.any(1), yp.argmax(1), k)
+    result["discriminability"] = {n: discriminability(f.cpu().numpy(), groups, seed)
+                                  for n, f in feats.items()}
+    fig, axes = plt.subplots(1, len(feats), figsize=(4 * len(feats), 4), squeeze=False)
+    for ax, (n, f) in zip(axes[0], feats.items(), strict=True):
+        emb = tsne_2d(f.cpu().numpy(), seed=seed)
+        for g in np.unique(groups):
+            sel = groups == g
+            ax.scatter(emb[sel, 0], emb[sel, 1], s=6,
+                       label=names[g] if g < len(names) else "no finding")
+        d = result["discriminability"][n]
+        sil = "-" if d["silhouette"] is None else f"{d['silhouette']:.3f}"
+        probe = "-" if d["probe_acc"] is None else f"{d['probe_acc']:.3f}"
+        ax.set_title(f"{n}: silhouette {sil}, probe {probe}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].legend(fontsize=6, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / "tsne.png", dpi=100)
+    plt.close(fig)
+    result["files"]["tsne"] = "tsne.png"
+    # 3. confusion matrices, or label correlation
+    yn = y.cpu().numpy()
+    if task.single_label:
+        mats = {n: _confusion(yn, lg.argmax(1).cpu().numpy(), k) for n, lg in logits.items()}
+        result["confusion"] = {n: m.tolist() for n, m in mats.items()}
+        title = "confusion (rows: true, columns: predicted)"
+    else:
+        preds = {n: (lg > 0).cpu().numpy() for n, lg in logits.items()}
+        truth = prediction_correlation(yn)
+        corr = {n: prediction_correlation(p) for n, p in preds.items()}
+        mats = {"truth": truth, **corr}
+        result["label_correlation"] = {
+            "cooccurrence": {"truth": cooccurrence(yn).tolist(),
+                             **{n: cooccurrence(p).tolist() for n, p in preds.items()}},
+            "distance_to_truth": {n: correlation_distance(c, truth) for n, c in corr.items()}}
+        title = "Pearson correlation of findings"
+    fig, axes = plt.subplots(1, len(mats), figsize=(3.5 * len(mats), 3.5), squeeze=False)
+    for ax, (n, m) in zip(axes[0], mats.items(), strict=True):
+        ax.imshow(m, cmap="viridis" if task.single_label else "coolwarm",
+                  **({} if task.single_label else {"vmin": -1, "vmax": 1}))
+        ax.set_title(n, fontsize=9)
+        ax.set_xticks(range(k))
+        ax.set_yticks(range(k))
+        ax.set_xticklabels(names[:k], rotation=90, fontsize=6)
+        ax.set_yticklabels(names[:k], fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    name = "confusion.png" if task.single_label else "label_correlation.png"
+    fig.savefig(out_dir / name, dpi=100)
+    plt.close(fig)
+    result["files"]["confusion" if task.single_label else "label_correlation"] = name
+    # 4. most confidently fooled examples of the first attack
+    first = next(iter(adv), None)
+    if first is not None:
+        result["files"]["examples"] = _examples(plt, x, adv[first], y, logits["clean"],
+                                                logits[first], task, names, first, out_dir)
+    return result
+
+
+def _examples(plt, x, x_adv, y, clean, fooled, task: Task, names, attack: str, out_dir: Path,
+              n: int = 6) -> str:
+    """Clean, adversarial and amplified perturbation with labels, most confident misses first."""
+    wrong = task.wrong(fooled, y) & ~task.wrong(clean, y)
+    conf = (fooled.softmax(1).amax(1) if task.single_label
+            else (fooled.sigmoid() - 0.5).abs().mean(1))
+    order = [int(i) for i in torch.argsort(conf.masked_fill(~wrong, -1), descending=True)[:n]
+             if wrong[i]]
+    fig, axes = plt.subplots(max(1, len(order)), 3, figsize=(7, 2.3 * max(1, len(order))),
+                             squeeze=False)
+
+    def label(v):
+        if task.single_label:
+            return names[int(v)] if int(v) < len(names) else str(int(v))
+        return ",".join(names[j] for j in np.flatnonzero(np.asarray(v) > 0)) or "none"
+
+    for row, i in zip(axes, order, strict=False):
+        delta = (x_adv[i] - x[i]).float()
+        amp = (delta / (2 * delta.abs().max().clamp_min(1e-12)) + 0.5)
+        for ax, img in zip(row, (x[i], x_adv[i], amp), strict=True):
+            arr = img.float().cpu().permute(1, 2, 0).numpy()
+            ax.imshow(arr.squeeze(-1) if arr.shape[-1] == 1 else arr.clip(0, 1),
+                      cmap="gray" if arr.shape[-1] == 1 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        pc = clean[i].argmax().item() if task.single_label else (clean[i] > 0).int().tolist()
+        pa = fooled[i].argmax().item() if task.single_label else (fooled[i] > 0).int().tolist()
+        row[0].set_title(f"true {label(y[i].tolist() if not task.single_label else y[i])}, "
+                         f"pred {label(pc)}", fontsize=7)
+        row[1].set_title(f"{attack}: pred {label(pa)}", fontsize=7)
+        row[2].set_title("perturbation (amplified)", fontsize=7)
+    if not order:
+        axes[0][0].set_title(f"{attack} fooled no image that was right clean", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "examples.png", dpi=100)
+    plt.close(fig)
+    return "examples.png"
