@@ -135,7 +135,7 @@ def take_subset(datamodule, split: str, n: Any, seed: int) -> int | None:
 
 
 def prepare_gap(cfg: DictConfig, attacks: dict, net, task: str, train_cfg: DictConfig,
-                datamodule, out_dir: Path) -> dict[str, dict]:
+                datamodule, out_dir: Path, ckpt: dict) -> dict[str, dict]:
     """Give every GAP attack its generator: loaded from ``path`` (or the default file beside
     the report) when one of the same settings was saved, else fitted on the training split
     (a Lightning fit, same ``trainer`` config) and saved there. Returns what happened."""
@@ -152,7 +152,10 @@ def prepare_gap(cfg: DictConfig, attacks: dict, net, task: str, train_cfg: DictC
             chans, size = x.shape[1], x.shape[-1]
         digest = hashlib.sha1(json.dumps(atk.signature(), sort_keys=True).encode()).hexdigest()
         path = Path(atk.path).expanduser() if atk.path else out_dir / f"gap-{name}-{digest[:8]}.pt"
-        loaded = load_generator(path, atk, int(chans), int(size))
+        # a generator is reused only against the checkpoint it was fitted on
+        against = {"checkpoint": str(Path(cfg.ckpt_path).resolve()),
+                   "global_step": ckpt.get("global_step")}
+        loaded = load_generator(path, atk, int(chans), int(size), against)
         if loaded is None and atk.path:
             raise ConfigError(f"attacks.{name}.path={atk.path!r}: no saved GAP generator with "
                               f"these settings {atk.signature()} there")
@@ -169,7 +172,7 @@ def prepare_gap(cfg: DictConfig, attacks: dict, net, task: str, train_cfg: DictC
             generator, meta = fit_generator(atk, net, task, datamodule, fit_trainer,
                                             int(chans), int(size))
             if fit_trainer.is_global_zero:
-                save_generator(path, generator, atk, meta)
+                save_generator(path, generator, atk, meta, against)
             info[name] = {"path": str(path), "reused": False, **meta}
         attacks[name] = atk.with_generator(generator.to(next(net.parameters()).device))
     return info
@@ -244,7 +247,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt_file = Path(cfg.ckpt_path).resolve()  # one folder per checkpoint: no overwriting
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else \
         ckpt_file.parent.parent / "eval" / ckpt_file.stem
-    gap_info = prepare_gap(cfg, attacks, net, task, train_cfg, datamodule, out_dir)
+    gap_info = prepare_gap(cfg, attacks, net, task, train_cfg, datamodule, out_dir, ckpt)
     n_split = take_subset(datamodule, split, cfg.get("subset"), int(cfg.get("seed") or 0))
     class_names = list(getattr(datamodule, "class_names", None) or []) or None
     try:

@@ -63,22 +63,25 @@ class GAPModule(L.LightningModule):
                                 betas=(0.5, 0.999))
 
 
-def save_generator(path: Path, generator: nn.Module, attack: GAP, meta: dict[str, Any]) -> None:
-    """Tensors and plain values only (loads with ``weights_only=True``), written atomically."""
+def save_generator(path: Path, generator: nn.Module, attack: GAP, meta: dict[str, Any],
+                   against: dict[str, Any] | None = None) -> None:
+    """Tensors and plain values only (loads with ``weights_only=True``), written atomically;
+    ``against`` names the classifier it was fitted on (checked when loading)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": generator.state_dict(), "signature": attack.signature(),
-                "meta": meta}, tmp)
+    torch.save({"state_dict": generator.state_dict(),
+                "signature": {**attack.signature(), **(against or {})}, "meta": meta}, tmp)
     tmp.replace(path)
 
 
-def load_generator(path: Path, attack: GAP, in_chans: int, image_size: int
-                   ) -> tuple[nn.Module, dict] | None:
-    """The saved generator if ``path`` holds one of this attack's signature, else ``None``."""
+def load_generator(path: Path, attack: GAP, in_chans: int, image_size: int,
+                   against: dict[str, Any] | None = None) -> tuple[nn.Module, dict] | None:
+    """The saved generator if ``path`` holds one of this attack's settings fitted against the
+    same classifier (``against``), else ``None``."""
     if not path.is_file():
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get("signature") != attack.signature():
+    if saved.get("signature") != {**attack.signature(), **(against or {})}:
         return None
     generator = attack.new_generator(in_chans, image_size)
     generator.load_state_dict(saved["state_dict"])
