@@ -15,6 +15,7 @@ default). The checkpoint tested is chosen by ``defense.selection`` (clean | robu
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -43,12 +44,47 @@ THREAT_KEYS = {"norm", "eps", "train_steps"}
 register_resolvers()
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+# (key, test, what it must be): checked before anything is built, one line each
+VALUE_RULES: tuple[tuple[str, Any, str], ...] = (
+    ("seed", lambda v: v is None or _is_int(v), "an integer or null"),
+    ("module.optimizer.lr", lambda v: _is_num(v) and v > 0, "a number > 0"),
+    ("module.optimizer.weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    ("datamodule.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("datamodule.eval_batch_size", lambda v: v is None or (_is_int(v) and v >= 1),
+     "an integer >= 1 or null"),
+    ("datamodule.num_workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("datamodule.sampler", lambda v: v in (None, "none", "weighted"), "null or 'weighted'"),
+    ("backbone.width", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("trainer.max_epochs", lambda v: v is None or (_is_int(v) and (v >= 1 or v == -1)),
+     "an integer >= 1 (or -1: no limit)"),
+)
+_ABSENT = object()
+
+
+def check_values(cfg: DictConfig) -> None:
+    """One :class:`ConfigError` line for the first value of :data:`VALUE_RULES` that is out of
+    range (keys a config does not have are skipped)."""
+    for key, ok, what in VALUE_RULES:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not ok(value):
+            raise ConfigError(f"{key}={value!r} must be {what}")
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate datamodule, model, callbacks, loggers and trainer from ``cfg``.
 
     Every piece of bad input (missing data, unknown backbone, eps < 0, ...) raises
     :class:`ConfigError` here, before any training starts.
     """
+    check_values(cfg)  # also here: build() is called on its own (tests, tools)
     unknown = sorted(set(cfg.get("threat") or {}) - THREAT_KEYS)
     if unknown:
         raise ConfigError(f"unknown key(s) threat.{unknown[0]} (of {unknown}); the threat model "
@@ -116,6 +152,7 @@ def resolve_class_weights(spec: Any, datamodule) -> list[float] | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test; returns the metrics dict that is also written to ``metrics.json``."""
     start = time.perf_counter()
+    check_values(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)

@@ -389,6 +389,12 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     ("attack.steps=0", "steps"),
     ("backbone=timm", None),
     ("datamodule=ham10000", "data_dir"),
+    ("module.optimizer.lr=-1", r"module.optimizer.lr=-1 must be a number > 0"),
+    ("datamodule.num_workers=-1", r"datamodule.num_workers=-1 must be an integer >= 0"),
+    ("datamodule.sampler=foo", r"datamodule.sampler='foo' must be null or 'weighted'"),
+    ("seed=abc", r"seed='abc' must be an integer or null"),
+    ("backbone.width=0", r"backbone.width=0 must be an integer >= 1"),
+    ("trainer.max_epochs=0", r"trainer.max_epochs=0 must be"),
 ])
 def test_bad_input_stops_at_startup(train_cfg, override, match):
     extra = ["backbone.name=resnet_does_not_exist"] if override == "backbone=timm" else []
