@@ -16,7 +16,7 @@ built from the ``trainer`` group, as training does (devices, precision, DDP, lim
 ``trainer.limit_test_batches``), with :class:`~lightning_modules.evaluation.EvaluationModule`.
 Report (default ``<run dir>/eval/<checkpoint name>/``): ``report.json`` (RobustBench-like: clean metrics, then
 per attack and epsilon), ``report.csv`` (one row per attack and epsilon), ``accuracy_vs_eps.png``
-and ``summary.md``. The row at eps=0 must equal the clean metrics (the attacks are the identity).
+and ``report.md`` (the tables in order, with a short reading). The row at eps=0 must equal the clean metrics (the attacks are the identity).
 """
 
 from __future__ import annotations
@@ -520,7 +520,7 @@ def write_comparison(rows: list[dict], reports: list[dict], out_dir: Path) -> No
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    """report.json, report.csv, accuracy_vs_eps.png and summary.md in ``out_dir``."""
+    """report.json, report.csv, accuracy_vs_eps.png and report.md in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "report.json", report)
     metric_names = list(report["clean"])
@@ -536,7 +536,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
             writer.writerow({k: row.get(k) for k in fields})
     tmp.replace(out_dir / "report.csv")
     plot_report(report, out_dir / "accuracy_vs_eps.png")
-    (out_dir / "summary.md").write_text(summary_markdown(report))
+    (out_dir / "report.md").write_text(summary_markdown(report))
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
@@ -566,6 +566,33 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def reading(report: dict[str, Any]) -> str:
+    """A few plain sentences: what the strongest evaluation left of the clean score, against
+    chance, and whether the checks let the numbers stand."""
+    score = report["score_metric"]
+    clean, chance = report["clean"][score], report["chance"][score]
+    rows = [r for r in report["results"] if r["eps"] > 0]
+    if not rows:
+        return f"Only eps = 0 was evaluated: clean {score} {clean:.4f}."
+    top = max(r["eps"] for r in rows)
+    at_top = [r for r in rows if r["eps"] == top]
+    worst = next((r for r in at_top if r["attack"].startswith("worst")), None) or \
+        min(at_top, key=lambda r: r[score])
+    what = "the per-sample worst case over all attacks" if worst["attack"].startswith("worst") \
+        else worst["attack"]
+    text = (f"Clean {score} is {clean:.4f} (chance {chance:.4f}). Under {what} at "
+            f"{worst['eps_str']} it is {worst[score]:.4f}, "
+            f"{worst[score] / clean:.0%} of clean." if clean > 0 else "")
+    if worst[score] <= chance + 1e-9:
+        text += " That is at or below chance: no robustness at this radius."
+    bad = [c for c in report.get("checks") or [] if not c["passed"]]
+    n_checks = len(report.get("checks") or [])
+    text += (f" {len(bad)} of {n_checks} honesty checks FAILED (listed below): read the robust "
+             "numbers as upper bounds." if bad else
+             f" All {n_checks} honesty checks passed.")
+    return text
+
+
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -585,6 +612,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"{report.get('devices')} device(s); software: " + ", ".join(
             f"{k} {v}" for k, v in (report.get("software") or {}).items() if v),
         f"- chance level: {score} {report['chance'][score]:.4f} (a constant predictor)",
+        "",
+        reading(report),
         "",
         f"| attack | norm | eps | steps | restarts | acc | {score} | images attacked | "
         "seconds |",

@@ -128,7 +128,7 @@ def test_evaluate_standard_preset_cascades(undefended_run, tmp_path):
     names = {c["check"] for c in report["checks"]}
     assert {"large_eps_reaches_chance", "more_steps_never_help", "square_not_above_white_box",
             "pgd_and_autoattack_agree"} <= names
-    summary = (tmp_path / "std" / "summary.md").read_text()
+    summary = (tmp_path / "std" / "report.md").read_text()
     assert "Cascade" in summary and "images attacked" in summary
 
 
@@ -261,7 +261,7 @@ def test_evaluate_xu2021_preset_writes_the_analyses(undefended_run, train_cfg, t
         conf = ana["confusion"]
         assert sum(map(sum, conf["clean"])) == ana["n_images"] and len(conf["pgd"]) == 4
         assert "examples" in ana["files"]
-    summary = (tmp_path / "xu" / "summary.md").read_text()
+    summary = (tmp_path / "xu" / "report.md").read_text()
     assert "## Analyses" in summary and "analyses/tsne.png" in summary
 
 
@@ -280,7 +280,7 @@ def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg
     for name in ("fgsm", "pgd", "pgd_hide", "pgd_add", "gap", "worst"):  # changed sets
         assert 0 <= rows[(name, "8/255")]["fooling_rate"] <= 1
     assert rows[("pgd", "0")]["fooling_rate"] == 0
-    assert "**skipped** `aa`" in (tmp_path / "full" / "summary.md").read_text()
+    assert "**skipped** `aa`" in (tmp_path / "full" / "report.md").read_text()
 
 
 def test_undefended_model_is_less_accurate_under_attack(undefended_run):
@@ -301,7 +301,7 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     report = evaluate(cfg)
     out = Path(report["output_dir"])
     assert out == Path(ckpt).parent.parent / "eval" / Path(ckpt).stem  # one folder per ckpt
-    for name in ("report.json", "report.csv", "accuracy_vs_eps.png", "summary.md"):
+    for name in ("report.json", "report.csv", "accuracy_vs_eps.png", "report.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert report["n_images"] == 96
     # report.json follows the typed schema and reads back
@@ -319,7 +319,9 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     assert set(checks) == {"eps_zero_reproduces_clean", "monotone_in_eps", "outputs_are_logits",
                            "worst_case_not_above_attacks", "deterministic",
                            "gradients_nonzero_finite"} and all(checks.values()), report["checks"]
-    assert "ok deterministic" in (out / "summary.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "ok deterministic" in text and "All 6 honesty checks passed." in text
+    assert "Under the per-sample worst case over all attacks at 8/255 it is" in text
     rows = list(csv.DictReader((out / "report.csv").open()))
     # exactly the attacks and radii asked for, plus the worst case at each radius > 0
     assert sorted((r["attack"], r["eps_str"]) for r in rows) == sorted(
@@ -595,7 +597,7 @@ def test_failed_honesty_check_warns_or_stops_when_strict(undefended_run, tmp_pat
     assert {"check": "deterministic", "passed": False, "detail": "outputs differ"} in \
         report["checks"]
     assert "honesty check failed: deterministic" in caplog.text
-    assert "**FAILED** deterministic" in (tmp_path / "a" / "summary.md").read_text()
+    assert "**FAILED** deterministic" in (tmp_path / "a" / "report.md").read_text()
     with pytest.raises(ConfigError, match="evaluation.strict=true and 1 honesty check"):
         evaluate(compose_cfg("eval", [*base, f"output_dir={tmp_path / 'b'}",
                                       "evaluation.strict=true"], tmp_path))
