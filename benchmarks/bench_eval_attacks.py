@@ -66,10 +66,16 @@ def main() -> None:
     parser.add_argument("--eps", default="8/255")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--square-queries", type=int, default=100)
+    parser.add_argument("--cascade-only", action="store_true",
+                        help="only the table of evaluate.py's cascade")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     model, x, y, what = _from_checkpoint(args.ckpt, args.n) if args.ckpt else \
         _trained_small_cnn(args.n)
+    if args.cascade_only:
+        print(f"{what}; batch {len(x)}, L-inf eps {args.eps}", flush=True)
+        cascade_table(model, x, y, PGD(eps=args.eps).eps, args)
+        return
     ours = PGD(eps=args.eps, steps=20)
     eps = ours.eps
     ways = {
