@@ -349,15 +349,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def cost_table(cost: dict[str, dict], n_images: int) -> dict[str, Any]:
-    """Per cell its cost, the share of images it was spared (cascade), and the totals."""
+    """Per cell its cost and the share of images it was spared (cascade; ``None`` at eps 0,
+    where attacks are the identity), and the totals over the cells at eps > 0."""
+    real = {name: c for name, c in cost.items() if not name.endswith("@0")}
     cells = {name: {**c, "images_spared": round(1 - c["images_attacked"] / n_images, 4)
-                    if n_images else None} for name, c in cost.items()}
-    attacked = sum(c["images_attacked"] for c in cost.values())
+                    if n_images and name in real else None} for name, c in cost.items()}
+    attacked = sum(c["images_attacked"] for c in real.values())
     return {"per_attack": cells,
             "total_seconds": round(sum(c["seconds"] for c in cost.values()), 2),
             "images_attacked": attacked,
-            "images_spared": round(1 - attacked / (n_images * len(cost)), 4)
-            if n_images and cost else None}
+            "images_spared": round(1 - attacked / (n_images * len(real)), 4)
+            if n_images and real else None}
 
 
 def log_report(cfg: DictConfig, report: dict[str, Any], out_dir: Path) -> None:
@@ -624,7 +626,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
             "steps", "restarts", "images_attacked", "seconds"))
         lines.append(f"| {r['attack']} | {r['norm']} | {r['eps_str']} | {steps} | "
                      f"{restarts} | {r['acc']:.4f} | {r[score]:.4f} | {n_att} | {secs} |")
-    if report.get("cascade"):
+    if report.get("cascade") and report["cost"]["images_spared"] is not None:
         cost = report["cost"]
         lines += ["", "Cascade (as AutoAttack runs its components): at each radius every attack "
                   "ran only on the images the earlier ones had not fooled, so each row after "

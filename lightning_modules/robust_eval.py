@@ -183,7 +183,7 @@ class RobustEvaluator(nn.Module):
                                                                    self.task)
                 n_attacked = todo.numel()
             out.seconds[name] = _clock(x) - start
-            out.attacked[name] = int(n_attacked)
+            out.attacked[name] = int(n_attacked) if attack.eps > 0 else 0  # eps 0: identity
         for group, names in self.worst_case.items():
             out.worst[group] = worst_case_logits([out.clean, *(out.adv[n] for n in names)], y,
                                                  self.task)

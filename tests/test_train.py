@@ -116,8 +116,9 @@ def test_evaluate_standard_preset_cascades(undefended_run, tmp_path):
     row = {(r["attack"], r["eps_str"]): r for r in report["results"]}
     cost = report["cost"]["per_attack"]
     n, clean = report["n_images"], report["clean"]["acc"]
-    # eps 0 has no worst case, so nothing cascades there: every image is attacked
-    assert cost["pgd@0"]["images_attacked"] == cost["aa@0"]["images_attacked"] == n == 32
+    # eps 0 is the identity: no image is attacked (and there is no worst case to cascade)
+    assert cost["pgd@0"]["images_attacked"] == cost["aa@0"]["images_attacked"] == 0
+    assert n == 32
     # at 8/255 PGD attacks the images right clean, AutoAttack those PGD left right
     pgd, aa = row[("pgd", "8/255")], row[("aa", "8/255")]
     assert cost["pgd@8/255"]["images_attacked"] == round(clean * n)
@@ -149,6 +150,7 @@ def test_evaluate_gap_fits_saves_and_reuses_its_generator(undefended_run, tmp_pa
     assert rows[0][("gap", "0")] == first["clean"]["acc"]
     # its cost: one forward pass per image, beside PGD's
     assert first["cost"]["per_attack"]["gap@8/255"]["images_attacked"] == first["n_images"]
+    assert first["cost"]["per_attack"]["gap@0"]["images_attacked"] == 0
     # a path that holds no generator of these settings is one clear line
     with pytest.raises(ConfigError, match="attacks.gap.path"):
         evaluate(compose_cfg("eval", [*args, f"attacks.gap.path={tmp_path / 'none.pt'}"],
