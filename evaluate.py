@@ -105,12 +105,22 @@ def build_from_checkpoint(ckpt: dict, datamodule_overrides: DictConfig | None):
         check_targets(ckpt["medrobust_config"].get(key), key)
     train_cfg = OmegaConf.create(ckpt["medrobust_config"])
     train_cfg.datamodule = complete_stored_config(train_cfg.datamodule)  # older checkpoints
+    for key in ("num_classes", "task", "in_chans", "image_size"):  # fixed by the weights
+        if datamodule_overrides and key in datamodule_overrides and \
+                datamodule_overrides[key] != train_cfg.datamodule.get(key):
+            raise ConfigError(f"+datamodule.{key}={datamodule_overrides[key]!r}: the checkpoint "
+                              f"was trained with {key}={train_cfg.datamodule.get(key)!r}, which "
+                              "its weights fix; evaluate it on data of that shape")
     if datamodule_overrides:
         train_cfg.datamodule = OmegaConf.merge(train_cfg.datamodule, datamodule_overrides)
     datamodule = instantiate_node(train_cfg, "datamodule")
     net = instantiate_node(train_cfg, "backbone")
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(f"the checkpoint's weights do not fit the network its config builds: "
+                          f"{str(err).splitlines()[0][:200]}") from err
     return train_cfg, datamodule, net
 
 

@@ -78,6 +78,38 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be {what}")
 
 
+# what a resumed run must share with the checkpoint it resumes (else the weights do not fit)
+RESUME_KEYS = ("backbone", "datamodule.num_classes", "datamodule.task", "datamodule.in_chans")
+
+
+def check_resume(ckpt_path: str, run_config: dict) -> None:
+    """One line when ``ckpt_path`` is missing, is not a weights-only medrobust checkpoint, or
+    was trained with another network than this run builds (names the differing keys)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist")
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True).get(
+            "medrobust_config") or {}
+    except Exception as err:  # noqa: BLE001 - pickled code, a truncated file, not a checkpoint
+        raise ConfigError(f"ckpt_path={ckpt_path!r} cannot be loaded as weights only: "
+                          f"{str(err).splitlines()[0][:200]}") from err
+    if not stored:
+        return  # a checkpoint from before configs were stored: nothing to compare
+    now, then = OmegaConf.create(run_config), OmegaConf.create(stored)
+    diffs = []
+    for key in RESUME_KEYS:
+        a, b = OmegaConf.select(then, key), OmegaConf.select(now, key)
+        if isinstance(a, DictConfig) and isinstance(b, DictConfig):
+            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    if diffs:
+        raise ConfigError(f"ckpt_path={ckpt_path!r} was trained with another network than this "
+                          f"run builds ({'; '.join(diffs)}); resume with the same settings")
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate datamodule, model, callbacks, loggers and trainer from ``cfg``.
 
@@ -166,8 +198,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(module.run_config)
 
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist")
+    if ckpt_path:
+        check_resume(ckpt_path, module.run_config)
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

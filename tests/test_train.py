@@ -90,6 +90,20 @@ def test_resume_from_last_checkpoint(train_cfg):
     ck2 = torch.load(second["last_checkpoint"], weights_only=True)
     # resumed: one more epoch of 2 steps on top of the first, not a fresh start
     assert ck2["global_step"] == 4
+    # another network than the checkpoint's: one line naming the key, before any training
+    with pytest.raises(ConfigError, match=r"backbone.width: 8 -> 16"):
+        train(train_cfg("defense=none", "backbone.width=16", f"ckpt_path={last}"))
+    # a pickle payload (code, not weights) is refused with one line, and not run
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("payload ran",))
+
+    bad = Path(last).parent / "payload.ckpt"
+    bad.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    with pytest.raises(ConfigError, match="cannot be loaded as weights only"):
+        train(train_cfg("defense=none", f"ckpt_path={bad}"))
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +379,10 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     with pytest.raises(ConfigError, match="pathlib.Path.write_text"):
         evaluate(compose_cfg("eval", [f"ckpt_path={tmp_path / 'evil.ckpt'}"], tmp_path / "eve"))
     assert victim.read_text() == "keep me"
+    # the weights fix the number of classes: another one is one line, not a size mismatch
+    with pytest.raises(ConfigError, match=r"\+datamodule.num_classes=7.*num_classes=4"):
+        evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", "+datamodule.num_classes=7"],
+                             tmp_path / "evn"))
     # subset=N: a seeded class-stratified N images; bad values are one line
     rep_sub = evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", "eps_grid=[0]", "subset=24",
                                             "evaluation=quick",
