@@ -213,6 +213,13 @@ def test_csv_bad_input(tmp_path):
     with pytest.raises(ValueError, match="cannot split .* groups"):
         from_config("csv", data_dir=str(root), csv_file="labels.csv", label_column="diagnosis",
                       group_column="patient_id", limit=None, val_fraction=0.01)
+    # an empty file, or a header and no rows: one line naming the file
+    (root / "labels.csv").write_text("")
+    with pytest.raises(ValueError, match=r"cannot parse .*labels.csv"):
+        from_config("csv", data_dir=str(root), csv_file="labels.csv", label_column="diagnosis")
+    (root / "labels.csv").write_text("path,diagnosis\n")
+    with pytest.raises(ValueError, match=r"labels.csv lists no images"):
+        from_config("csv", data_dir=str(root), csv_file="labels.csv", label_column="diagnosis")
 
 
 def test_empty_split_is_an_error(tmp_path):
