@@ -15,13 +15,17 @@ Everything is checked when the datamodule is built, so bad input stops the run a
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .files import index_images, missing_files_error
 from .splits import split_indices
 from .table import ImageTable, ImageTableDataModule, check_data_dir, read_csv_checked
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HAM10000DataModule", "HAM10000_CLASSES", "lesion_grouped_split"]
 
@@ -35,6 +39,37 @@ def lesion_grouped_split(
     """Row indices of train/val/test, stratified by ``labels`` and grouped by ``groups``
     (lesion ids): :func:`datamodules.splits.split_indices` with a test split."""
     return split_indices(labels, groups, val_fraction, test_fraction, seed)
+
+
+def merge_duplicate_images(frame: pd.DataFrame, meta: Path) -> pd.DataFrame:
+    """An image id listed more than once (the same file under two lesion ids) is kept once, and
+    the lesions it links are merged into one group, so the split can put neither the image nor
+    those lesions' other images in two splits. Rows of one image with different ``dx`` stop
+    with one line naming the image."""
+    dup = frame[frame.duplicated("image_id", keep=False)]
+    if dup.empty:
+        return frame
+    for image_id, rows in dup.groupby("image_id"):
+        if rows["dx"].nunique() > 1:
+            raise ValueError(f"{meta}: image {image_id} is listed {len(rows)} times with "
+                             f"different dx {sorted(rows['dx'].unique())}")
+    parent: dict[str, str] = {}
+
+    def root(a: str) -> str:
+        while parent.get(a, a) != a:
+            a = parent[a]
+        return a
+
+    for _, rows in dup.groupby("image_id"):
+        first, *rest = (root(x) for x in rows["lesion_id"])
+        for other in rest:
+            if other != first:
+                parent[other] = first
+    frame = frame.assign(lesion_id=frame["lesion_id"].map(root))
+    log.warning("%s: %d image id(s) listed under more than one lesion id (e.g. %s); each image "
+                "is kept once and the lesions it links stay in one split", meta,
+                dup["image_id"].nunique(), dup["image_id"].iloc[0])
+    return frame.drop_duplicates("image_id", keep="first").reset_index(drop=True)
 
 
 class HAM10000DataModule(ImageTableDataModule):
@@ -72,6 +107,7 @@ class HAM10000DataModule(ImageTableDataModule):
         unknown = sorted(set(frame["dx"]) - set(HAM10000_CLASSES))
         if unknown:
             raise ValueError(f"{meta}: unknown dx values {unknown}; expected {list(HAM10000_CLASSES)}")
+        frame = merge_duplicate_images(frame, meta)
         if hp.limit is not None:
             keep = frame["lesion_id"].drop_duplicates().iloc[: int(hp.limit)]
             frame = frame[frame["lesion_id"].isin(keep)].reset_index(drop=True)

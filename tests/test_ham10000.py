@@ -132,3 +132,28 @@ def test_shared_ham10000_release():
     dm.setup("test")
     x, y = dm.datasets["test"][0]
     assert x.shape == (3, 32, 32) and 0 <= y < len(HAM10000_CLASSES)
+
+
+def test_image_listed_under_two_lesions_is_kept_once_and_links_them(ham_dir, caplog):
+    meta = ham_dir / "HAM10000_metadata.csv"
+    frame = pd.read_csv(meta)
+    # lesion 1's image listed again under lesion 2 (same dx: the metadata's own mistake)
+    img, lesion_b = frame.iloc[2]["image_id"], "HAM_0000008"  # lesion 1 is bcc, 8 is bcc
+    assert frame.loc[frame["lesion_id"] == lesion_b, "dx"].iloc[0] == frame.iloc[2]["dx"]
+    extra = frame.iloc[[2]].assign(lesion_id=lesion_b)
+    pd.concat([frame, extra]).to_csv(meta, index=False)
+    dm = _dm(ham_dir)
+    assert (dm.frame["image_id"] == img).sum() == 1 and len(dm.frame) == len(frame)
+    assert "listed under more than one lesion id" in caplog.text
+    split_of = {s: set(dm.frame["image_id"].iloc[idx]) for s, idx in dm.split_idx.items()}
+    assert sum(img in ids for ids in split_of.values()) == 1
+    # the two lesions are one group now: all their images in one split
+    linked = dm.frame.loc[dm.frame["lesion_id"] == dm.frame.loc[
+        dm.frame["image_id"] == img, "lesion_id"].iloc[0], "image_id"]
+    assert len(linked) == 2  # lesion 1's image and lesion 8's (one image each)
+    assert sum(bool(set(linked) & ids) for ids in split_of.values()) == 1
+    # the same image with two different diagnoses is one line naming it
+    pd.concat([frame, frame.iloc[[2]].assign(lesion_id="HAM_0000009", dx="mel")]).to_csv(
+        meta, index=False)
+    with pytest.raises(ValueError, match=f"image {img} is listed 2 times with different dx"):
+        _dm(ham_dir)
