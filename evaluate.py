@@ -38,9 +38,19 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from datamodules import complete_stored_config
+from datamodules.corruptions import CORRUPTION_SETS, set_for_datamodule, to_uint8
 from datamodules.dataset import skip_none_collate
 from datamodules.splits import stratified_subset
 from lightning_modules.analysis import run_analyses
+from lightning_modules.analysis.corruption import (
+    corruption_errors,
+    corruption_markdown,
+    corruption_scores,
+    flip_probability,
+    mce,
+    plot_corruptions,
+    summarise,
+)
 from lightning_modules.attacks import GAP, PGD, AutoAttack, parse_eps
 from lightning_modules.evaluation import EvaluationModule
 from lightning_modules.gap import fit_generator, load_generator, save_generator
@@ -215,6 +225,97 @@ def analyses(cfg: DictConfig, options: Any, net, datamodule, split: str, task: s
     return result
 
 
+def corruption_benchmark(cfg: DictConfig, spec: Any, net, train_cfg: DictConfig, datamodule,
+                         split: str, task: str, num_classes: int, out_dir: Path
+                         ) -> dict[str, Any]:
+    """The common-perturbation benchmark (``evaluation.corruptions``) on the split (after
+    ``subset``), or a seeded random ``images`` of it: scores per corruption and severity,
+    their summary, the flip probability of perturbation sequences, and CE / mCE against
+    ``baseline`` (a checkpoint, measured here on the same images, or a report.json or report
+    folder of one measured on the same images). Figures in ``<output dir>/corruptions/``."""
+    start = time.perf_counter()
+    set_name = str(spec.get("set") or "auto")
+    if set_name == "auto":
+        set_name = set_for_datamodule(train_cfg.datamodule)
+    if set_name not in CORRUPTION_SETS:
+        raise ConfigError(f"evaluation.corruptions.set={set_name!r} must be auto or one of "
+                          f"{sorted(CORRUPTION_SETS)}")
+    severities = [int(s) for s in spec.get("severities") or (1, 2, 3, 4, 5)]
+    if not severities or any(not 1 <= s <= 5 for s in severities):
+        raise ConfigError(f"evaluation.corruptions.severities={severities} must be in 1..5")
+    seed = int(cfg.get("seed") or 0)
+    ds = datamodule.datasets[split]
+    if spec.get("images"):
+        gen = torch.Generator().manual_seed(seed)
+        ds = Subset(ds, torch.randperm(len(ds), generator=gen)[:int(spec.images)].tolist())
+    loader = DataLoader(ds, batch_size=int(spec.get("batch_size") or 64),
+                        collate_fn=skip_none_collate)
+    kinds = list(spec.get("sequences") or [])
+    frames = int(spec.get("frames") or 10)
+
+    def measure(model) -> tuple[dict, dict | None]:
+        scores = corruption_scores(model, loader, task, num_classes, set_name, severities, seed)
+        flips = flip_probability(model, loader, task, kinds, frames, seed) if kinds else None
+        return scores, flips
+
+    if len(ds) == 0:
+        raise ConfigError(f"evaluation.corruptions: the {split} split is empty")
+    result, flips = measure(net)
+    result.update(summarise(result))
+    result["flip_probability"] = flips
+    baseline = spec.get("baseline")
+    if baseline:
+        base, base_flips = corruption_baseline(str(baseline), result, measure, task,
+                                               num_classes, next(net.parameters()).device)
+        errors, clean_err = corruption_errors(result)
+        base_errors, base_clean_err = corruption_errors(base)
+        result["baseline"] = {"source": str(baseline), "clean": base["clean"],
+                              **mce(errors, clean_err, base_errors, base_clean_err)}
+        if flips and base_flips:
+            rel = {k: v / base_flips["kinds"][k] if base_flips["kinds"].get(k) else None
+                   for k, v in flips["kinds"].items()}
+            vals = [v for v in rel.values() if v is not None]
+            result["baseline"].update(relative_fp=rel,
+                                      mfp=float(np.mean(vals)) if vals else None)
+    sample = next(iter(DataLoader(ds, batch_size=1, collate_fn=skip_none_collate)))[0]
+    result["files"] = plot_corruptions(result, to_uint8(sample)[0], out_dir / "corruptions",
+                                       seed)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def corruption_baseline(source: str, result: dict, measure, task: str, num_classes: int,
+                        device: torch.device) -> tuple[dict, dict | None]:
+    """The baseline's corruption scores: measured now for a checkpoint, read for a report."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "report.json"
+    if not path.exists():
+        raise ConfigError(f"evaluation.corruptions.baseline={source!r}: no such file")
+    if path.suffix == ".json":
+        try:
+            base = json.loads(path.read_text()).get("corruptions")
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"evaluation.corruptions.baseline: {path}: {err}") from err
+        if not base:
+            raise ConfigError(f"evaluation.corruptions.baseline: {path} has no corruption "
+                              "results (evaluate it with evaluation.corruptions set)")
+        for key in ("set", "severities", "seed", "n_images"):
+            if base.get(key) != result.get(key):
+                raise ConfigError(f"evaluation.corruptions.baseline: {path} was measured with "
+                                  f"{key}={base.get(key)!r}, this run with {result.get(key)!r}: "
+                                  "not the same images and corruptions")
+        return base, base.get("flip_probability")
+    ckpt = load_checkpoint(str(path))
+    base_cfg, _, base_net = build_from_checkpoint(ckpt, None)
+    if (base_cfg.datamodule.task, int(base_cfg.datamodule.num_classes)) != (task, num_classes):
+        raise ConfigError(f"evaluation.corruptions.baseline: {path} is a "
+                          f"{base_cfg.datamodule.task} model of {base_cfg.datamodule.num_classes}"
+                          f" classes, this one {task} of {num_classes}")
+    log.info("corruption baseline: measuring %s on the same images", path)
+    return measure(base_net.to(device))
+
+
 def resume_signature(cfg: DictConfig, ckpt: dict, attacks: dict, eps_grid: list[float],
                      cascade: bool, split: str, n_split: int | None) -> dict[str, Any]:
     """What saved batches must match to be reused after a kill (plain values only)."""
@@ -341,6 +442,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if options.get("analyses") and trainer.is_global_zero:
         report["analyses"] = analyses(cfg, options, net, datamodule, split, task, num_classes,
                                       attacks, eps_grid, class_names, out_dir)
+    if options.get("corruptions") and trainer.is_global_zero:
+        report["corruptions"] = corruption_benchmark(cfg, options.corruptions, net, train_cfg,
+                                                     datamodule, split, task, num_classes,
+                                                     out_dir)
     report["checks"] = [c.as_dict() for c in checks]
     for c in failed(checks):
         log.warning("honesty check failed: %s: %s", c.check, c.detail)
@@ -683,6 +788,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
                       + ", ".join(f"{k} {v:.3f}" for k, v in
                                   ana["label_correlation"]["distance_to_truth"].items())]
         lines += [""] + [f"![{k}](analyses/{f})" for k, f in ana["files"].items()] + [""]
+    if report.get("corruptions"):
+        lines += corruption_markdown(report["corruptions"], "corruptions")
     return "\n".join(lines)
 
 

@@ -11,6 +11,10 @@ as fractions of the image side or of the intensity range):
   0.1. No horizontal flip: anatomy is lateralised (heart on the left).
 - ``flips``: horizontal and vertical flips and 90-degree rotations (histology, cells).
 - ``none``: nothing.
+- ``dermoscopy_c``, ``xray_c``, ``fundus_c``, ``general_c``: the domain's preset above (none for
+  fundus and general), then, with probability 0.5, one corruption of the domain's MedMNIST-C
+  set at a random severity (``datamodules.corruptions.CorruptionAugment``; MedMNIST-C,
+  Di Salvo et al. 2024, trains with its corruptions this way).
 
 Augmentation is for training images only; validation and test images are never augmented.
 
@@ -26,13 +30,20 @@ from typing import Any
 
 __all__ = ["AUGMENTATIONS", "build_augmentation", "seed_worker"]
 
-AUGMENTATIONS = ("none", "flips", "dermoscopy", "xray")
+AUGMENTATIONS = ("none", "flips", "dermoscopy", "xray", "dermoscopy_c", "xray_c", "fundus_c",
+                 "general_c")
 
 
 def _preset(name: str, in_chans: int):
     import albumentations as A
     import cv2
 
+    if name.endswith("_c") and name in AUGMENTATIONS:
+        from .corruptions import CorruptionAugment
+
+        domain = name[:-2]
+        base = _preset(domain, in_chans) if domain in ("dermoscopy", "xray") else None
+        return CorruptionAugment(domain, p=0.5, base=base)
     if name == "flips":
         return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)])
     if name == "dermoscopy":

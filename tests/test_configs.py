@@ -111,7 +111,7 @@ def test_option_composes_and_builds(group, option, tmp_path, ham_dir, monkeypatc
 @pytest.mark.parametrize("preset,attacks,cascade", [
     ("quick", {"pgd"}, False), ("standard", {"pgd", "aa"}, True),
     ("full", {"fgsm", "pgd", "pgd_cw", "pgd_t", "aa", "pgd_hide", "pgd_add", "gap"}, False),
-    ("xu2021", {"pgd", "gap"}, False)])
+    ("xu2021", {"pgd", "gap"}, False), ("corruptions", {"pgd"}, False)])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_eval_config_composes(tmp_path, preset, attacks, cascade, norm):
     cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", f"evaluation={preset}",
@@ -123,6 +123,10 @@ def test_eval_config_composes(tmp_path, preset, attacks, cascade, norm):
         assert isinstance(atk, Attack) and atk.norm == norm
     assert len(cfg.eps_grid) >= 3 and cfg.eps_grid[0] == 0
     assert compose_cfg("eval", ["ckpt_path=x.ckpt"], tmp_path).evaluation.name == "standard"
+    corruptions = cfg.evaluation.corruptions  # one node, conf/corruptions, where mounted
+    assert (corruptions is not None) == (preset in ("full", "xu2021", "corruptions"))
+    if corruptions is not None:
+        assert corruptions.set == "auto" and list(corruptions.severities) == [1, 2, 3, 4, 5]
 
 
 DEFENSES = options("defense")

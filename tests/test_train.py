@@ -259,6 +259,7 @@ def test_evaluate_xu2021_preset_writes_the_analyses(undefended_run, train_cfg, t
         f"ckpt_path={ckpt}", "evaluation=xu2021", "eps_grid=[0,8/255]", "attacks.pgd.steps=3",
         "attacks.gap.epochs=1", "attacks.gap.max_batches=2", "attacks.gap.width=4",
         "evaluation.analysis_images=40", "evaluation.probes=false",
+        "evaluation.corruptions.images=12", "evaluation.corruptions.frames=3",
         f"output_dir={tmp_path / 'xu'}"], tmp_path))
     ana = report["analyses"]
     assert ana["attacks"] == ["pgd", "gap"] and ana["eps"] == "8/255"
@@ -279,6 +280,14 @@ def test_evaluate_xu2021_preset_writes_the_analyses(undefended_run, train_cfg, t
         assert "examples" in ana["files"]
     summary = (tmp_path / "xu" / "report.md").read_text()
     assert "## Analyses" in summary and "analyses/tsne.png" in summary
+    cor = report["corruptions"]  # the common-perturbation benchmark, on the synthetic images
+    assert cor["set"] == "dermoscopy" and cor["n_images"] == 12 and len(cor["table"]) == 15
+    assert set(cor["flip_probability"]["kinds"]) == {"gaussian_noise", "gaussian_blur",
+                                                     "brightness", "rotate", "translate", "scale"}
+    assert all(0 <= v <= 1 for v in cor["flip_probability"]["kinds"].values())
+    for name in cor["files"].values():
+        assert (tmp_path / "xu" / "corruptions" / name).stat().st_size > 0, name
+    assert "## Common corruptions" in summary
 
 
 def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg, tmp_path):
@@ -288,6 +297,7 @@ def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg
         f"ckpt_path={run['best_checkpoint']}", "evaluation=full", "eps_grid=[0,8/255]",
         *[f"attacks.{a}.steps=2" for a in ("pgd", "pgd_hide", "pgd_add")],
         "attacks.gap.epochs=1", "attacks.gap.max_batches=1", "attacks.gap.width=4",
+        "evaluation.corruptions.images=8", "evaluation.corruptions.sequences=[]",
         "trainer.limit_test_batches=1", f"output_dir={tmp_path / 'full'}"], tmp_path))
     assert report["task"] == "multilabel" and report["cascade"] is False
     assert set(report["skipped_attacks"]) == {"pgd_cw", "pgd_t", "aa"}
@@ -297,6 +307,8 @@ def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg
         assert 0 <= rows[(name, "8/255")]["fooling_rate"] <= 1
     assert rows[("pgd", "0")]["fooling_rate"] == 0
     assert "**skipped** `aa`" in (tmp_path / "full" / "report.md").read_text()
+    cor = report["corruptions"]  # multi-label: scored by macro AUROC
+    assert cor["score_metric"] == "auroc" and cor["flip_probability"] is None
 
 
 def test_undefended_model_is_less_accurate_under_attack(undefended_run):
