@@ -527,6 +527,30 @@ def _wandb_panels(run, report: dict[str, Any], out_dir: Path) -> None:
     })
     run.summary.update({"eval/n_images": report["n_images"],
                         "eval/failed_checks": sum(not c["passed"] for c in report["checks"])})
+    panels: dict[str, Any] = {}
+    for block, folder in (("analyses", "analyses"), ("corruptions", "corruptions")):
+        for key, name in ((report.get(block) or {}).get("files") or {}).items():
+            panels[f"eval/{block}/{key}"] = wandb.Image(str(out_dir / folder / name))
+    cor = report.get("corruptions")
+    if cor:
+        score = cor["score_metric"]
+        sevs = [str(s) for s in cor["severities"]]
+        panels["eval/corruptions/table"] = wandb.Table(
+            columns=["corruption", *[f"severity {s}" for s in sevs], "mean", "drop"],
+            data=[[c, *[by[s][score] for s in sevs], cor["per_corruption"][c]["score"],
+                   cor["per_corruption"][c]["drop"]] for c, by in cor["table"].items()])
+        run.summary.update({f"eval/corruptions/mean_{score}": cor["mean"]["score"],
+                            **({"eval/corruptions/mCE": cor["baseline"]["mce"]}
+                               if cor.get("baseline") else {}),
+                            **({"eval/flip_probability": cor["flip_probability"]["mean"]}
+                               if cor.get("flip_probability") else {})})
+    ana = report.get("analyses") or {}
+    if ana.get("feature_distance"):
+        panels["eval/analyses/feature_distance_table"] = wandb.Table(
+            columns=["attack", *next(iter(ana["feature_distance"].values()))],
+            data=[[a, *d.values()] for a, d in ana["feature_distance"].items()])
+    if panels:
+        run.log(panels)
     artifact = wandb.Artifact(f"eval-report-{run.id}", type="evaluation")
     artifact.add_file(str(out_dir / "report.json"))
     run.log_artifact(artifact)
@@ -592,7 +616,34 @@ def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             key = f"robust_acc@{r['eps_str']}"
             row[key] = min(row.get(key, 1.0), r["acc"])
         rows.append(row)
+    add_corruption_columns(rows, reports)
     return rows
+
+
+def add_corruption_columns(rows: list[dict[str, Any]], reports: list[dict[str, Any]]) -> None:
+    """Corruption columns where the reports have them: the mean score over corruptions and
+    severities, its drop from clean, the mean flip probability, and mCE / relative mCE against
+    the report's own baseline or else against the first checkpoint of the comparison (the
+    same images and corruptions; its own mCE is then 1)."""
+    with_c = [r for r in reports if r.get("corruptions")]
+    ref = with_c[0]["corruptions"] if with_c else None
+    for row, rep in zip(rows, reports, strict=True):
+        block = rep.get("corruptions")
+        if not block:
+            continue
+        row[f"corrupt_{block['score_metric']}"] = block["mean"]["score"]
+        row["corrupt_drop"] = block["mean"]["drop"]
+        if block.get("flip_probability"):
+            row["flip_prob"] = block["flip_probability"]["mean"]
+        base = block.get("baseline")
+        if base is None and all(block.get(k) == ref.get(k) for k in
+                                ("set", "severities", "seed", "n_images")):
+            base = mce(*corruption_errors(block), *corruption_errors(ref))
+            row["mce_vs"] = "checkpoint 0"
+        elif base is not None:
+            row["mce_vs"] = base["source"]
+        if base is not None:
+            row["mCE"], row["rel_mCE"] = base["mce"], base["relative_mce"]
 
 
 def write_comparison(rows: list[dict], reports: list[dict], out_dir: Path) -> None:
@@ -613,6 +664,7 @@ def write_comparison(rows: list[dict], reports: list[dict], out_dir: Path) -> No
         lines.append(f"| {i} | " + " | ".join(cells) + " |")
     lines += ["", *[f"{i}. `{r['checkpoint']}`" for i, r in enumerate(rows)], "",
               "![comparison](comparison.png)", ""]
+    lines += comparison_analyses(rows, reports, out_dir)
     (out_dir / "comparison.md").write_text("\n".join(lines))
     import matplotlib
 
@@ -634,6 +686,55 @@ def write_comparison(rows: list[dict], reports: list[dict], out_dir: Path) -> No
     fig.tight_layout()
     fig.savefig(out_dir / "comparison.png", dpi=100)
     plt.close(fig)
+
+
+def comparison_analyses(rows: list[dict], reports: list[dict], out_dir: Path) -> list[str]:
+    """Where the reports hold them: the feature distance of every checkpoint and attack in
+    one plot (``comparison_features.png``), the discriminability numbers side by side, and
+    each corruption's score (mean over severities) per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: list[str] = []
+    names = [f"{i}: {row['defense']}" for i, row in enumerate(rows)]
+    ana = [(n, r["analyses"]) for n, r in zip(names, reports, strict=True)
+           if (r.get("analyses") or {}).get("feature_distance")]
+    if ana:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for n, a in ana:
+            for attack, dist in a["feature_distance"].items():
+                ax.plot(list(dist), list(dist.values()), marker="o", label=f"{n} / {attack}")
+        ax.set_xlabel("stage (shallow to deep)")
+        ax.set_ylabel("||f(x') - f(x)|| / ||f(x)||")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "comparison_features.png", dpi=100)
+        plt.close(fig)
+        lines += ["## Analyses", "", "| checkpoint | features | silhouette | probe acc |",
+                  "|---|---|---|---|"]
+        lines += [f"| {n} | {k} | {_fmt(d['silhouette'])} | {_fmt(d['probe_acc'])} |"
+                  for n, a in ana for k, d in a["discriminability"].items()]
+        lines += ["", "![feature distance](comparison_features.png)", ""]
+    cor = [(n, r["corruptions"]) for n, r in zip(names, reports, strict=True)
+           if r.get("corruptions")]
+    if cor:
+        key = cor[0][1]["score_metric"]
+        corr_names = list(dict.fromkeys(c for _, b in cor for c in b["per_corruption"]))
+        lines += ["## Common corruptions", "",
+                  f"{key} per corruption, averaged over severities "
+                  f"{cor[0][1]['severities']}:", "",
+                  "| corruption | " + " | ".join(n for n, _ in cor) + " |",
+                  "|---|" + "---|" * len(cor)]
+        lines.append("| clean | " + " | ".join(f"{b['clean'][key]:.3f}" for _, b in cor) + " |")
+        lines += [f"| {c} | " + " | ".join(_fmt(b["per_corruption"].get(c, {}).get("score"))
+                                            for _, b in cor) + " |" for c in corr_names]
+        lines.append("| **mean** | " + " | ".join(f"{b['mean']['score']:.3f}" for _, b in cor)
+                     + " |")
+        lines += [""]
+    return lines
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:

@@ -187,6 +187,17 @@ def test_evaluate_several_checkpoints_gives_one_comparison(undefended_run, tmp_p
     rows = list(csv.DictReader((tmp_path / "cmp" / "comparison.csv").open()))
     assert len(rows) == 2 and "robust_bal_acc@8/255" in rows[0]
     assert float(rows[0]["clean_acc"]) == many["reports"][0]["clean"]["acc"]
+    # with the corruption benchmark: mCE of each against checkpoint 0 (itself: exactly 1)
+    cor = evaluate_many(compose_cfg("eval", [
+        f"ckpt_path=[{best},{last}]", *base, "+corruptions@evaluation.corruptions=medmnist_c",
+        "evaluation.corruptions.images=6", "evaluation.corruptions.severities=[1,5]",
+        "evaluation.corruptions.sequences=[rotate]", "evaluation.corruptions.frames=3",
+        f"output_dir={tmp_path / 'cmp_c'}"], tmp_path))
+    first = cor["comparison"][0]
+    assert first["mce_vs"] == "checkpoint 0" and first["mCE"] == pytest.approx(1.0)
+    assert 0 <= first["corrupt_bal_acc"] <= 1 and 0 <= first["flip_prob"] <= 1
+    text = (tmp_path / "cmp_c" / "comparison.md").read_text()
+    assert "## Common corruptions" in text and "| gaussian_noise |" in text
     # a run folder: the checkpoint its metrics.json says was tested
     run_dir = Path(undefended_run["output_dir"])
     folder = evaluate_many(compose_cfg("eval", [f"ckpt_path={run_dir}", *base], tmp_path / "f"))
@@ -203,8 +214,11 @@ def test_evaluate_report_to_wandb_offline(undefended_run, tmp_path, monkeypatch)
     out = tmp_path / "wb"
     try:
         evaluate(compose_cfg("eval", [f"ckpt_path={undefended_run['best_checkpoint']}",
-                                      "evaluation=quick", "attacks.pgd.steps=2",
+                                      "evaluation=corruptions", "attacks.pgd.steps=2",
                                       "eps_grid=[0,8/255]", "trainer.limit_test_batches=1",
+                                      "evaluation.corruptions.images=6",
+                                      "evaluation.corruptions.severities=[1,5]",
+                                      "evaluation.corruptions.sequences=[]",
                                       "logger=wandb", f"output_dir={out}"], tmp_path))
     finally:
         wandb.finish()
@@ -217,6 +231,10 @@ def test_evaluate_report_to_wandb_offline(undefended_run, tmp_path, monkeypatch)
     assert rows[("pgd", "0")]["acc"] == rows[("clean", "0")]["acc"]
     assert list(media.glob("table/eval/checks_*.table.json"))
     assert list(media.glob("images/eval/metric_vs_eps_*.png"))
+    cor = json.loads(next(media.glob("table/eval/corruptions/table_*.table.json")).read_text())
+    assert cor["columns"] == ["corruption", "severity 1", "severity 5", "mean", "drop"]
+    assert len(cor["data"]) == 15  # the dermoscopy set, for the synthetic data
+    assert list(media.glob("images/eval/corruptions/corruption_examples_*.png"))
 
 
 def test_killed_evaluation_resumes_from_its_saved_batches(undefended_run, tmp_path,
