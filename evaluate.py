@@ -41,7 +41,7 @@ from datamodules import complete_stored_config
 from datamodules.corruptions import CORRUPTION_SETS, set_for_datamodule, to_uint8
 from datamodules.dataset import skip_none_collate
 from datamodules.splits import stratified_subset
-from lightning_modules.analysis import run_analyses
+from lightning_modules.analysis import ANALYSES, run_analyses
 from lightning_modules.analysis.corruption import (
     corruption_errors,
     corruption_markdown,
@@ -218,8 +218,16 @@ def analyses(cfg: DictConfig, options: Any, net, datamodule, split: str, task: s
     x, y = next(iter(loader))
     device = next(net.parameters()).device
     start = time.perf_counter()
-    result = run_analyses(net, x.to(device), y.to(device), Task(task), num_classes, chosen,
-                          out_dir / "analyses", class_names, seed=int(cfg.get("seed") or 0))
+    which = options.analyses
+    which = ANALYSES if which is True else [which] if isinstance(which, str) else list(which)
+    try:
+        result = run_analyses(net, x.to(device), y.to(device), Task(task), num_classes, chosen,
+                              out_dir / "analyses", class_names,
+                              seed=int(cfg.get("seed") or 0), which=which)
+    except ValueError as err:
+        if "unknown analyses" in str(err):
+            raise ConfigError(f"evaluation.analyses: {err}") from err
+        raise
     result.update(eps=format_eps(eps), attacks=list(chosen),
                   seconds=round(time.perf_counter() - start, 1))
     return result
@@ -716,7 +724,7 @@ def comparison_analyses(rows: list[dict], reports: list[dict], out_dir: Path) ->
         lines += ["## Analyses", "", "| checkpoint | features | silhouette | probe acc |",
                   "|---|---|---|---|"]
         lines += [f"| {n} | {k} | {_fmt(d['silhouette'])} | {_fmt(d['probe_acc'])} |"
-                  for n, a in ana for k, d in a["discriminability"].items()]
+                  for n, a in ana for k, d in (a.get("discriminability") or {}).items()]
         lines += ["", "![feature distance](comparison_features.png)", ""]
     cor = [(n, r["corruptions"]) for n, r in zip(names, reports, strict=True)
            if r.get("corruptions")]
@@ -874,16 +882,18 @@ def summary_markdown(report: dict[str, Any]) -> str:
     if ana.get("files"):
         lines += [f"## Analyses (Xu et al. 2021): {ana['n_images']} images, "
                   f"{', '.join(ana['attacks'])} at {ana['eps']}", ""]
-        lines += ["Relative feature distance ||f(x') - f(x)|| / ||f(x)|| per stage:", "",
-                  "| attack | " + " | ".join(next(iter(ana["feature_distance"].values())))
-                  + " |", "|---|" + "---|" * len(next(iter(ana["feature_distance"].values())))]
-        lines += [f"| {a} | " + " | ".join(f"{v:.3f}" for v in d.values()) + " |"
-                  for a, d in ana["feature_distance"].items()]
-        lines += ["", "Penultimate features: silhouette of the classes and a linear probe's "
-                  "cross-validated accuracy:", "", "| features | silhouette | probe acc |",
-                  "|---|---|---|"]
-        lines += [f"| {k} | {_fmt(d['silhouette'])} | {_fmt(d['probe_acc'])} |"
-                  for k, d in ana["discriminability"].items()]
+        if ana.get("feature_distance"):
+            stages = next(iter(ana["feature_distance"].values()))
+            lines += ["Relative feature distance ||f(x') - f(x)|| / ||f(x)|| per stage:", "",
+                      "| attack | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+            lines += [f"| {a} | " + " | ".join(f"{v:.3f}" for v in d.values()) + " |"
+                      for a, d in ana["feature_distance"].items()]
+        if ana.get("discriminability"):
+            lines += ["", "Penultimate features: silhouette of the classes and a linear "
+                      "probe's cross-validated accuracy:", "",
+                      "| features | silhouette | probe acc |", "|---|---|---|"]
+            lines += [f"| {k} | {_fmt(d['silhouette'])} | {_fmt(d['probe_acc'])} |"
+                      for k, d in ana["discriminability"].items()]
         if "label_correlation" in ana:
             lines += ["", "Frobenius distance of the finding correlation to the ground truth's: "
                       + ", ".join(f"{k} {v:.3f}" for k, v in

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_modules.analysis import (
+    ANALYSES,
     cooccurrence,
     correlation_distance,
     discriminability,
@@ -15,6 +16,7 @@ from lightning_modules.analysis import (
     penultimate_features,
     prediction_correlation,
     relative_feature_distance,
+    run_analyses,
     tsne_2d,
 )
 from lightning_modules.attacks import PGD
@@ -85,3 +87,22 @@ def test_prediction_correlation_and_distance():
     assert correlation_distance(corr, corr) == 0.0
     assert correlation_distance(corr, prediction_correlation(flipped)) == pytest.approx(
         np.sqrt(8.0))
+
+
+def test_each_analysis_runs_on_its_own_by_name(trained_model, tmp_path):
+    from lightning_modules.tasks import Task
+
+    model, x, y = trained_model
+    pgd = {"pgd": PGD(eps=8 / 255, steps=2, norm="linf")}
+    only = run_analyses(model, x[:24], y[:24], Task("multiclass"), 4, pgd, tmp_path / "f",
+                        which=["features"])
+    assert only["which"] == ["features"] and set(only["files"]) == {"feature_distance"}
+    assert "discriminability" not in only and "confusion" not in only
+    assert [p.name for p in (tmp_path / "f").iterdir()] == ["feature_distance.png"]
+    labels = run_analyses(model, x[:24], y[:24], Task("multiclass"), 4, pgd, tmp_path / "l",
+                          which=["labels"])
+    assert set(labels["files"]) == {"confusion"} and "feature_distance" not in labels
+    assert sum(map(sum, labels["confusion"]["clean"])) == 24
+    assert set(ANALYSES) == {"features", "discriminability", "labels", "examples"}
+    with pytest.raises(ValueError, match="unknown analyses"):
+        run_analyses(model, x, y, Task("multiclass"), 4, pgd, tmp_path, which=["tsne"])

@@ -21,7 +21,12 @@ from .discriminability import discriminability, tsne_2d
 from .features import feature_stages, penultimate_features, relative_feature_distance
 from .labels import cooccurrence, correlation_distance, prediction_correlation
 
-__all__ = ["run_analyses"]
+__all__ = ["ANALYSES", "run_analyses"]
+
+#: the analyses by name: feature distance across depth, t-SNE / silhouette / linear probe of
+#: penultimate features, confusion matrices (single-label) or label correlation (multi-label),
+#: the most confidently fooled examples
+ANALYSES = ("features", "discriminability", "labels", "examples")
 
 
 def _plt():
@@ -42,10 +47,15 @@ def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
 def run_analyses(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
                  num_classes: int, attacks: Mapping[str, Attack], out_dir: Path,
                  class_names: list[str] | None = None, seed: int = 0,
-                 tsne_images: int = 300) -> dict[str, Any]:
+                 tsne_images: int = 300, which: Any = ANALYSES) -> dict[str, Any]:
     """Attack ``(x, y)`` with each attack, write the figures into ``out_dir`` and return the
     numbers: ``feature_distance[attack][stage]``, ``discriminability[clean|attack]``,
-    ``confusion`` or ``label_correlation``, and the file names."""
+    ``confusion`` or ``label_correlation``, and the file names; ``which`` picks a subset of
+    :data:`ANALYSES` by name."""
+    which = set(which)
+    if which - set(ANALYSES):
+        raise ValueError(f"unknown analyses {sorted(which - set(ANALYSES))}; choose from "
+                         f"{list(ANALYSES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     plt = _plt()
     k = num_classes
@@ -54,15 +64,31 @@ def run_analyses(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
         adv = {name: atk(net, x, y, task) for name, atk in attacks.items()}
         with torch.no_grad():
             logits = {"clean": net(x).float(), **{n: net(a).float() for n, a in adv.items()}}
-        stages = feature_stages(net)
-        result: dict[str, Any] = {"n_images": int(x.shape[0]), "files": {}}
-        result["feature_distance"] = {n: relative_feature_distance(net, x, a, stages)
-                                      for n, a in adv.items()}
+        result: dict[str, Any] = {"n_images": int(x.shape[0]), "files": {},
+                                  "which": [a for a in ANALYSES if a in which]}
+        if "features" in which:
+            stages = feature_stages(net)
+            result["feature_distance"] = {n: relative_feature_distance(net, x, a, stages)
+                                          for n, a in adv.items()}
         gen = torch.Generator().manual_seed(seed)
         pick = torch.randperm(x.shape[0], generator=gen)[:tsne_images]
-        feats = {"clean": penultimate_features(net, x[pick]),
-                 **{n: penultimate_features(net, a[pick]) for n, a in adv.items()}}
-    # 1. feature distance across depth
+        if "discriminability" in which:
+            feats = {"clean": penultimate_features(net, x[pick]),
+                     **{n: penultimate_features(net, a[pick]) for n, a in adv.items()}}
+    if "features" in which:
+        _plot_feature_distance(plt, result, out_dir)
+    if "discriminability" in which:
+        _plot_tsne(plt, result, feats, y[pick], task, names, k, seed, out_dir)
+    if "labels" in which:
+        _plot_labels(plt, result, logits, y, task, names, k, out_dir)
+    first = next(iter(adv), None)  # the most confidently fooled examples of the first attack
+    if "examples" in which and first is not None:
+        result["files"]["examples"] = _examples(plt, x, adv[first], y, logits["clean"],
+                                                logits[first], task, names, first, out_dir)
+    return result
+
+
+def _plot_feature_distance(plt, result: dict, out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for n, dist in result["feature_distance"].items():
         ax.plot(list(dist), list(dist.values()), marker="o", label=n)
@@ -74,9 +100,13 @@ def run_analyses(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
     fig.savefig(out_dir / "feature_distance.png", dpi=100)
     plt.close(fig)
     result["files"]["feature_distance"] = "feature_distance.png"
-    # 2. discriminability of penultimate features (single-label: by true class; multi-label:
-    #    by the first positive finding, "none" as its own group)
-    yp = y[pick].cpu().numpy()
+
+
+def _plot_tsne(plt, result: dict, feats: dict, y_pick: torch.Tensor, task: Task, names, k: int,
+               seed: int, out_dir: Path) -> None:
+    """Discriminability of penultimate features (single-label: by true class; multi-label: by
+    the first positive finding, "none" as its own group), numbers and t-SNE panels."""
+    yp = y_pick.cpu().numpy()
     groups = yp if task.single_label else np.where(yp.any(1), yp.argmax(1), k)
     result["discriminability"] = {n: discriminability(f.cpu().numpy(), groups, seed)
                                   for n, f in feats.items()}
@@ -98,7 +128,11 @@ def run_analyses(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
     fig.savefig(out_dir / "tsne.png", dpi=100)
     plt.close(fig)
     result["files"]["tsne"] = "tsne.png"
-    # 3. confusion matrices, or label correlation
+
+
+def _plot_labels(plt, result: dict, logits: dict, y: torch.Tensor, task: Task, names, k: int,
+                 out_dir: Path) -> None:
+    """Confusion matrices (single-label) or finding co-occurrence and correlation."""
     yn = y.cpu().numpy()
     if task.single_label:
         mats = {n: _confusion(yn, lg.argmax(1).cpu().numpy(), k) for n, lg in logits.items()}
@@ -129,12 +163,6 @@ def run_analyses(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
     fig.savefig(out_dir / name, dpi=100)
     plt.close(fig)
     result["files"]["confusion" if task.single_label else "label_correlation"] = name
-    # 4. most confidently fooled examples of the first attack
-    first = next(iter(adv), None)
-    if first is not None:
-        result["files"]["examples"] = _examples(plt, x, adv[first], y, logits["clean"],
-                                                logits[first], task, names, first, out_dir)
-    return result
 
 
 def _examples(plt, x, x_adv, y, clean, fooled, task: Task, names, attack: str, out_dir: Path,
