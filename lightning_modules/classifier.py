@@ -19,6 +19,12 @@ which run on every rank in the same order; nothing is logged with ``sync_dist``.
 logged with ``sync_dist=True`` is reduced lazily when first read, and Lightning's progress bar
 reads it on rank 0 alone at the end of the epoch: rank 0 then waits in an all-reduce while the
 other ranks wait in the next collective, and the run hangs for good.
+
+DDP padding: Lightning shards validation and test with a ``DistributedSampler``, which pads
+the last shard with duplicates so that every rank runs as many batches (it must: validation
+during fitting runs through the DDP wrapper, and uneven batch counts would hang it). Each
+batch's duplicates are found from the sampler (:func:`padding_mask`) and left out of every
+metric, so the values logged equal those of one process over the same data.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import MaxMetric, MeanMetric
 
 from .attacks import Attack, attack_mode
@@ -39,10 +46,38 @@ from .selection import INELIGIBLE, eligibility
 from .tasks import Task, check_task
 from .utils import ConfigError, to_memory_format
 
-__all__ = ["RobustClassifier"]
+__all__ = ["RobustClassifier", "padding_mask"]
 
 # Epoch-level values logged here are already reduced across ranks (see the module docstring).
 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
+
+
+def padding_mask(loader: Any, batch_idx: int, batch_size: int) -> torch.Tensor | None:
+    """Which samples of batch ``batch_idx`` (of ``batch_size`` samples) of ``loader`` are real
+    rather than ``DistributedSampler`` padding; ``None`` when all are real or the loader is not
+    sharded by a ``DistributedSampler``.
+
+    The sampler lists the ``len(sampler.dataset)`` indices (shuffled or not), appends copies of
+    the first ones up to ``total_size`` (a multiple of the world size), and gives rank ``r``
+    positions ``r, r + world, r + 2 world, ...``: its ``j``-th sample sits at position
+    ``j * world + r``, a duplicate when that is ``>= len(sampler.dataset)``. Batches are
+    consecutive runs of the rank's samples, so the ``i``-th batch starts at ``j = i * B`` (``B``
+    the loader's batch size; the last batch may be shorter). ``limit_*_batches`` and
+    ``fast_dev_run`` only stop early, so ``batch_idx`` still counts from the first batch.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        return None
+    full = loader.batch_size if isinstance(loader, DataLoader) else None
+    if full is None:
+        full = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    if full is None:
+        raise RuntimeError("cannot tell DistributedSampler padding from real samples: the "
+                           "evaluation DataLoader has no batch_size (a custom batch_sampler)")
+    first = batch_idx * int(full)
+    position = (first + torch.arange(batch_size)) * sampler.num_replicas + sampler.rank
+    keep = position < len(sampler.dataset)
+    return None if bool(keep.all()) else keep
 
 
 class RobustClassifier(L.LightningModule):
@@ -217,15 +252,23 @@ class RobustClassifier(L.LightningModule):
     def on_test_start(self) -> None:
         self._check_grad_possible()
 
-    def _eval_step(self, stage: str, batch) -> None:
+    def _eval_step(self, stage: str, batch, batch_idx: int, dataloader_idx: int) -> None:
         x, y = batch
-        self.evaluators[stage].update(self.net, to_memory_format(x, self.memory_format), y)
+        loaders = self.trainer.val_dataloaders if stage == "val" else \
+            self.trainer.test_dataloaders
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[dataloader_idx]
+        elif isinstance(loaders, dict):
+            loaders = list(loaders.values())[dataloader_idx]
+        keep = padding_mask(loaders, batch_idx, x.shape[0])
+        self.evaluators[stage].update(self.net, to_memory_format(x, self.memory_format), y,
+                                      keep=keep)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("val", batch)
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, batch_idx, dataloader_idx)
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("test", batch)
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         counts = self.evaluators["val"].predicted_counts()

@@ -19,6 +19,12 @@ every earlier attack of the group); a sample fooled before keeps the logits that
 Each attack's row is then *cumulative*: the worst case over the clean prediction and the
 group's attacks up to it, and its cost counts only the images it attacked. :meth:`cost` gives
 seconds and images attacked per attack (summed across ranks).
+
+Padding (``keep``): under DDP, Lightning's ``DistributedSampler`` pads the last shard with
+duplicates of the first samples so that every rank gets as many batches. A batch may come with
+a boolean ``keep`` mask; the samples it leaves out are attacked like the others (every rank
+does the same work, batch for batch) but count in no metric, loss, fooling rate, image count
+or prediction count. Attack cost (seconds, images attacked) is the work done, padding included.
 """
 
 from __future__ import annotations
@@ -152,10 +158,12 @@ class RobustEvaluator(nn.Module):
         self.clean_predictions = PredictionCounts(num_classes) \
             if self.task.single_label else None
 
-    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EvalBatch:
-        """Attack ``(x, y)`` (images in [0, 1]) with every attack and update every metric."""
+    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               keep: torch.Tensor | None = None) -> EvalBatch:
+        """Attack ``(x, y)`` (images in [0, 1]) with every attack and update every metric with
+        the samples ``keep`` marks (``None`` = all; see the module docstring)."""
         out = self.attack_batch(model, x, y)
-        self.record(out, y)
+        self.record(out, y, keep)
         return out
 
     def attack_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EvalBatch:
@@ -189,16 +197,27 @@ class RobustEvaluator(nn.Module):
                                                  self.task)
         return out
 
-    def record(self, out: EvalBatch, y: torch.Tensor) -> None:
+    def record(self, out: EvalBatch, y: torch.Tensor, keep: torch.Tensor | None = None
+               ) -> None:
         """Update every metric and cost from one batch's logits (fresh, or a saved batch of
-        an interrupted evaluation)."""
+        an interrupted evaluation); samples outside ``keep`` (``None`` = all) count in no
+        metric, only in the cost."""
         device = out.clean.device
         for name, secs, count in zip(self.attacks, self.seconds, self.attacked, strict=True):
             secs.update(torch.tensor(out.seconds[name], dtype=torch.float64, device=device))
             count.update(torch.tensor(float(out.attacked[name]), device=device))
-        target = y.long()
         logits = {CLEAN: out.clean, **out.adv, **out.worst}
-        clean_pred = predictions(out.clean, self.task)
+        if keep is not None:
+            keep = keep.to(device=device, dtype=torch.bool)
+            if keep.shape != y.shape[:1]:
+                raise ValueError(f"keep mask of shape {tuple(keep.shape)} for a batch of "
+                                 f"{y.shape[0]}")
+            if not keep.any():
+                return
+            logits = {k: v[keep] for k, v in logits.items()}
+            y = y[keep]
+        target = y.long()
+        clean_pred = predictions(logits[CLEAN], self.task)
         for kind, coll, loss, fool in zip(self.kinds, self.metrics, self.losses, self.fooling,
                                           strict=True):
             coll.update(logits[kind].float(), target)
@@ -208,7 +227,7 @@ class RobustEvaluator(nn.Module):
                 fool.update((changed if changed.dim() == 1 else changed.any(dim=1)).float())
         self.n_images.update(torch.tensor(float(y.shape[0]), device=device))
         if self.clean_predictions is not None:
-            self.clean_predictions.update(out.clean)
+            self.clean_predictions.update(logits[CLEAN])
 
     def compute(self, class_names: list[str] | None = None) -> dict[str, dict[str, float]]:
         """``{kind: {metric: value}}`` for ``clean``, each attack and each worst-case group,
