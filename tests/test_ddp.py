@@ -119,3 +119,154 @@ def test_ddp_sim_metrics_equal_one_process(tmp_path):
     # a count of 38 (padding included) could not give these values
     assert round(ddp["val/acc"] * 37, 4).is_integer() and round(ddp["test/acc"] * 37, 4) \
         .is_integer()
+
+
+# ------------------------------------------- SyncBatchNorm: attacks leave no trace, send nothing
+# Run as its own script: Lightning's DDP launcher starts it again for rank 1. torch's
+# SyncBatchNorm runs on CUDA only (batch_norm_stats has no CPU kernel, and DDP refuses it on
+# CPU modules); on these CPU ranks a stand-in synchronises the batch statistics with a differentiable all_reduce in the forward
+# pass (and its gradient in the backward pass), which is what the real one communicates.
+SYNC_BN_SCRIPT = '''
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_modules.attacks.base import Attack
+from train import build
+
+conf_dir, out = sys.argv[1], Path(sys.argv[2])
+state = {"in_attack": 0, "attacks": 0, "bn_changed": 0, "ddp_wrapper_attacked": 0,
+         "collectives_in_attack": [], "collectives": 0, "synced_forwards": 0,
+         "hooks": 0, "hooks_in_attack": 0, "hooks_per_step": []}
+
+
+def cpu_sync_batch_norm(self, x):
+    if not (self.training and dist.is_initialized()):
+        return nn.modules.batchnorm._BatchNorm.forward(self, x)
+    state["synced_forwards"] += 1
+    dims = [d for d in range(x.dim()) if d != 1]
+    n = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
+    total = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), n]))
+    c = x.shape[1]
+    count = total[-1]
+    mean, var = total[:c] / count, total[c:2 * c] / count - (total[:c] / count) ** 2
+    with torch.no_grad():
+        self.num_batches_tracked.add_(1)
+        m = self.momentum
+        self.running_mean.mul_(1 - m).add_(m * mean)
+        self.running_var.mul_(1 - m).add_(m * var * count / (count - 1))
+    shape = [1, c] + [1] * (x.dim() - 2)
+    x_hat = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+    return x_hat * self.weight.view(shape) + self.bias.view(shape)
+
+
+nn.SyncBatchNorm.forward = cpu_sync_batch_norm
+DistributedDataParallel._passing_sync_batchnorm_handle = lambda self, module: None  # GPU check
+
+for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce",
+             "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
+             "gather", "scatter", "barrier"):
+    def counted(*args, _fn=getattr(dist, name), _name=name, **kwargs):
+        state["collectives"] += 1
+        if state["in_attack"]:
+            state["collectives_in_attack"].append(_name)
+        return _fn(*args, **kwargs)
+    setattr(dist, name, counted)
+
+attack_call = Attack.__call__
+
+
+def recorded_call(self, model, x, *args, **kwargs):
+    state["ddp_wrapper_attacked"] += isinstance(model, DistributedDataParallel)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    state["in_attack"] += 1
+    try:
+        return attack_call(self, model, x, *args, **kwargs)
+    finally:
+        state["in_attack"] -= 1
+        state["attacks"] += 1
+        after = dict(model.named_buffers())
+        state["bn_changed"] += any(not torch.equal(v, after[k]) for k, v in before.items())
+
+
+Attack.__call__ = recorded_call
+
+
+def counting_hook(process_group, bucket):
+    state["hooks"] += 1
+    state["hooks_in_attack"] += bool(state["in_attack"])
+    return allreduce_hook(process_group, bucket)
+
+
+class Probe(Callback):
+    def on_train_start(self, trainer, pl_module):
+        ddp = trainer.strategy.model
+        state["ddp"] = isinstance(ddp, DistributedDataParallel)
+        ddp.register_comm_hook(None, counting_hook)
+        bns = [m for m in pl_module.net.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        state["bn_layers"] = len(bns)
+        state["sync_bn_layers"] = sum(isinstance(m, nn.SyncBatchNorm) for m in bns)
+        self.start = [m.running_mean.clone() for m in bns]
+        self.bns, self.hooks = bns, 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        state["hooks_per_step"].append(state["hooks"] - self.hooks)
+        self.hooks = state["hooks"]
+
+    def on_fit_end(self, trainer, pl_module):
+        state["running_stats_moved"] = any(
+            not torch.equal(a, m.running_mean) for a, m in zip(self.start, self.bns))
+        path = out / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(state))
+
+
+if __name__ == "__main__":
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=sys.argv[3:])
+    parts = build(cfg)
+    parts["trainer"].callbacks.append(Probe())
+    parts["trainer"].fit(parts["module"], datamodule=parts["datamodule"])
+'''
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_attacks_change_no_statistics_and_send_nothing(tmp_path):
+    """``trainer=ddp_sim trainer.sync_batchnorm=true`` with PGD-AT (training attacks in
+    model_mode=train, batch statistics) and PGD validation: every BatchNorm is a SyncBatchNorm,
+    no attack changes a buffer or calls a collective (no batch-statistics sync, no gradient
+    all-reduce: DDP's comm hook never fires while crafting, and fires as often in every step),
+    while the training forward passes do synchronise and move the running statistics."""
+    script = tmp_path / "sync_bn_run.py"
+    script.write_text(SYNC_BN_SCRIPT)
+    out = tmp_path / "run"
+    out.mkdir()
+    overrides = ["trainer=ddp_sim", "trainer.sync_batchnorm=true", "defense=pgd_at",
+                 "threat.train_steps=2", "attack.steps=2", "trainer.max_epochs=1",
+                 "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+                 "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+                 "datamodule.n_train=96", "datamodule.n_val=16", "datamodule.batch_size=16",
+                 "datamodule.image_size=16", "backbone.width=8", "callbacks=none", "~logger",
+                 f"paths.output_dir={out}", f"paths.log_dir={tmp_path}"]
+    proc = _run_group([str(script), str(ROOT / "conf"), str(out), *overrides], cwd=tmp_path,
+                      timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        s = json.loads((out / f"rank{rank}.json").read_text())
+        assert s["ddp"] and s["bn_layers"] == s["sync_bn_layers"] > 0, (rank, s)
+        assert s["attacks"] >= 4 and s["ddp_wrapper_attacked"] == 0, (rank, s)
+        assert s["bn_changed"] == 0, (rank, s)
+        assert s["collectives_in_attack"] == [] and s["hooks_in_attack"] == 0, (rank, s)
+        # the training forwards synchronise (3 steps x layers) and move the statistics
+        assert s["synced_forwards"] >= 3 * s["bn_layers"] and s["running_stats_moved"], s
+        assert len(s["hooks_per_step"]) == 3 and len(set(s["hooks_per_step"])) == 1, s
+        assert s["hooks_per_step"][0] >= 1, s
