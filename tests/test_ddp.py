@@ -14,8 +14,8 @@ from lightning_modules.attacks import FGSM, PGD
 from lightning_modules.classifier import padding_mask
 from lightning_modules.robust_eval import RobustEvaluator
 from tests.conftest import ROOT, compose_cfg
-from tests.test_train import _run_group
-from train import build
+from tests.test_train import CLI_FAST, DDP_DEBUG, _run_group
+from train import build, train
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -141,7 +141,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.attacks.base import Attack
-from train import build
+from train import build, train
 
 conf_dir, out = sys.argv[1], Path(sys.argv[2])
 state = {"in_attack": 0, "attacks": 0, "bn_changed": 0, "ddp_wrapper_attacked": 0,
@@ -270,3 +270,49 @@ def test_sync_batchnorm_attacks_change_no_statistics_and_send_nothing(tmp_path):
         assert s["synced_forwards"] >= 3 * s["bn_layers"] and s["running_stats_moved"], s
         assert len(s["hooks_per_step"]) == 3 and len(set(s["hooks_per_step"])) == 1, s
         assert s["hooks_per_step"][0] >= 1, s
+
+
+# ------------------------------------------------------- debug mode x callback set, never a hang
+@pytest.mark.slow
+@pytest.mark.parametrize("callbacks", ["fast_at", "none"])
+@pytest.mark.parametrize("mode", sorted(DDP_DEBUG))
+def test_ddp_sim_debug_mode_x_callbacks(tmp_path, mode, callbacks):
+    """``trainer=ddp_sim`` in each debug mode with each callback set, progress bar on, under a
+    timeout that kills both ranks: the run ends, tests and writes its metrics. (The default
+    callback set is ``tests/test_train.py::test_cli_ddp_sim_never_hangs``.) ``fast_at``
+    restores and stops on collapse: a decision every rank must take alike."""
+    fast = [o for o in CLI_FAST if "enable_progress_bar" not in o and "max_epochs" not in o]
+    proc = _run_group([str(ROOT / "train.py"), *fast, "trainer=ddp_sim", *DDP_DEBUG[mode],
+                       f"callbacks={callbacks}", "trainer.enable_progress_bar=true",
+                       f"paths.log_dir={tmp_path}"], cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test metric" in proc.stdout
+    result = json.loads(next(tmp_path.glob("train/runs/*/metrics.json")).read_text())
+    assert 0 <= result["test"]["test/adv_acc"] <= 1
+    if callbacks == "none":  # at most Lightning's own default checkpoint, never a selection
+        assert not {"best_clean", "best_robust"} & set(result["checkpoints"])
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_compiled_backbone_trains(train_cfg):
+    """``module.compile=true``: the backbone runs compiled (attacks in train and eval mode
+    included) for a training step, validation and test, and checkpoints keep plain keys."""
+    from lightning_modules.classifier import RobustClassifier
+
+    seen = []
+    setup = RobustClassifier.setup
+
+    def recording_setup(self, stage):
+        setup(self, stage)
+        seen.append((stage, self._compiled, self.net._compiled_call_impl is not None))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RobustClassifier, "setup", recording_setup)
+        result = train(train_cfg("module.compile=true", "defense=pgd_at", "threat.train_steps=2",
+                                 "attack.steps=2", "trainer.limit_train_batches=1"))
+    assert ("fit", True, True) in seen
+    assert 0 <= result["test"]["test/adv_acc"] <= 1
+    state = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert state["global_step"] == 1
+    assert not any("_orig_mod" in k for k in state["state_dict"])
