@@ -216,9 +216,25 @@ class RobustClassifier(L.LightningModule):
         if out.logits_adv is not None:
             self.train_metrics["adv"].update(out.logits_adv.detach().float(), target)
         loss = out.loss.detach()
+        self._stop_if_not_finite(loss)
         self.train_loss.update(loss, weight=x.shape[0])
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return out.loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        """Stop at the first non-finite training loss, before its backward pass and optimizer
+        step (so the weights and the checkpoints written so far stay good), with one line
+        naming the step, epoch and defense. All DDP ranks take the same decision (one small
+        all-reduce), so none is left waiting. Costs one device sync per step."""
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            raise ConfigError(
+                f"training diverged: the training loss is {float(loss)} at step "
+                f"{self.global_step} (epoch {self.current_epoch}, defense "
+                f"{getattr(self.defense, 'name', type(self.defense).__name__)}); lower "
+                "module.optimizer.lr (checkpoints written so far are kept)")
 
     def on_train_epoch_end(self) -> None:
         values = {}

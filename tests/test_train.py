@@ -629,8 +629,32 @@ def test_metrics_json_is_valid_json_with_nan(tmp_path):
     assert data == {"a": None, "b": None, "c": [1.0, None], "d": 0.5}
 
 
-def test_diverged_training_stops_with_one_line(train_cfg):
-    with pytest.raises(ConfigError, match="training diverged.*module.optimizer.lr"):
+def test_diverged_training_stops_at_the_first_non_finite_step(train_cfg, monkeypatch):
+    from lightning_modules.defenses.base import NoDefense
+
+    calls = {"n": 0}
+    real = NoDefense.__call__
+
+    def poisoned(self, *args, **kwargs):  # the 3rd step (first of epoch 1) gives NaN
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(NoDefense, "__call__", poisoned)
+    cfg = train_cfg("defense=none", "trainer.max_epochs=3")  # 2 steps per epoch
+    with pytest.raises(ConfigError, match=r"diverged: the training loss is nan at step 2 "
+                                          r"\(epoch 1, defense none\).*module.optimizer.lr"):
+        train(cfg)
+    assert calls["n"] == 3  # stopped at once, not at the end of the epoch
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 0  # the last good checkpoint is kept
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()
+               if v.is_floating_point())
+    monkeypatch.setattr(NoDefense, "__call__", real)
+    with pytest.raises(ConfigError, match="training diverged"):  # a real divergence
         train(train_cfg("defense=none", "module.optimizer.lr=1e30", "trainer.max_epochs=3"))
 
 
