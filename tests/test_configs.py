@@ -80,7 +80,8 @@ def _extra(group: str, option: str, ham_dir) -> list[str]:
         extra.append("datamodule.num_workers=0")
     if group == "backbone" and option == "inception_v3":
         extra.append("datamodule.image_size=75")  # its smallest input
-    if group == "trainer" and option in ("gpu", "ddp") and not torch.cuda.is_available():
+    if group == "trainer" and option in ("gpu", "ddp", "ddp_multinode") and \
+            not torch.cuda.is_available():
         # the GPU presets compose as written; only their device is swapped to build here
         extra += ["trainer.accelerator=cpu", "trainer.devices=1"]
     return extra

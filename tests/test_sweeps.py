@@ -1,0 +1,104 @@
+"""Clusters and sweeps: the SLURM launcher follows the trainer, multi-node DDP under SLURM, a
+submitit job runs end to end on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF, FAST, ROOT
+from tests.test_train import _run_group as _run
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher")
+
+CLI_FAST = [o for o in FAST if not o.startswith("print_summary")] + ["backbone.width=8"]
+
+
+def _compose_hydra(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.mark.parametrize("nodes,devices", [(None, None), (3, 8)])
+def test_slurm_launcher_follows_the_trainer(nodes, devices):
+    overrides = ["hydra/launcher=slurm", "trainer=ddp_multinode"]
+    if nodes:
+        overrides += [f"trainer.num_nodes={nodes}", f"trainer.devices={devices}"]
+    cfg = _compose_hydra(overrides)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["nodes"] == cfg.trainer.num_nodes == (nodes or 2)
+    assert launcher["tasks_per_node"] == cfg.trainer.devices == (devices or 4)
+    assert launcher["gpus_per_node"] == cfg.trainer.devices
+    assert launcher["additional_parameters"]["signal"].startswith("USR1@")  # Lightning's
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
+    # as Hydra builds it (interpolations into the trainer resolved from the root config)
+    built = instantiate(cfg.hydra.launcher)
+    assert (built.params["nodes"], built.params["tasks_per_node"]) == \
+        (cfg.trainer.num_nodes, cfg.trainer.devices)
+
+
+def test_ddp_multinode_under_slurm_takes_ranks_from_slurm(monkeypatch, tmp_path):
+    """Lightning detects SLURM by itself (auto-requeue on) and refuses a trainer that disagrees
+    with the allocation."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    cfg = _compose_hydra(["trainer=ddp_multinode", "trainer.accelerator=cpu"])
+    slurm = {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2",
+             "SLURM_JOB_NAME": "train", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+             "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "77"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    trainer = instantiate(cfg.trainer, default_root_dir=tmp_path, logger=False,
+                          enable_checkpointing=False)
+    env = trainer._accelerator_connector.cluster_environment
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue
+    assert env.requeue_signal == signal.SIGUSR1  # the signal conf/hydra/launcher/slurm.yaml asks
+    assert (trainer.world_size, trainer.global_rank, trainer.node_rank, trainer.local_rank) == \
+        (8, 5, 1, 1)
+    assert env.main_address == "gpu01"
+    with pytest.raises(ValueError, match="ntasks-per-node"):
+        env.validate_settings(num_devices=2, num_nodes=2)
+
+
+def test_slurm_multirun_submits_what_the_trainer_needs(tmp_path, monkeypatch):
+    """The README's command, up to sbatch: a stand-in sbatch keeps the script and refuses it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/job.sh\nexit 1\n')
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = _run([str(ROOT / "train.py"), "-m", "hydra/launcher=slurm", "trainer=ddp_multinode",
+                 "trainer.num_nodes=2", "trainer.devices=4", "hydra.launcher.partition=gpu",
+                 f"paths.log_dir={tmp_path / 'logs'}", "defense=none,pgd_at"],
+                cwd=tmp_path, timeout=120)
+    script = (tmp_path / "job.sh").read_text() if (tmp_path / "job.sh").is_file() else ""
+    assert script, proc.stderr[-3000:]
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu",
+                 "--signal=USR1@120", "--array=0-1"):
+        assert f"#SBATCH {line}" in script, script
+    assert "srun" in script and "submitit.core._submit" in script
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_a_job_and_the_sweep_summary(tmp_path):
+    proc = _run([str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local", *CLI_FAST,
+                 "defense=none", f"paths.log_dir={tmp_path / 'logs'}"], cwd=tmp_path, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert metrics["test"]["test/acc"] >= 0
+    assert "| 0 | ok |" in (sweep / "summary.md").read_text()
+
