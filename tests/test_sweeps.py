@@ -1,5 +1,5 @@
 """Clusters and sweeps: the SLURM launcher follows the trainer, multi-node DDP under SLURM, a
-submitit job runs end to end on CPU."""
+submitit job and an Optuna search run end to end on CPU."""
 
 from __future__ import annotations
 
@@ -102,3 +102,21 @@ def test_submitit_local_runs_a_job_and_the_sweep_summary(tmp_path):
     assert metrics["test"]["test/acc"] >= 0
     assert "| 0 | ok |" in (sweep / "summary.md").read_text()
 
+
+@pytest.mark.slow
+def test_optuna_search_maximises_the_robust_validation_score(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper")
+    proc = _run([str(ROOT / "train.py"), "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+                 *(o for o in CLI_FAST if not o.startswith("datamodule.batch_size")),
+                 "datamodule.n_val=16", "datamodule.n_test=16",
+                 f"paths.log_dir={tmp_path / 'logs'}"], cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    scores = [json.loads((sweep / job / "metrics.json").read_text())["val"]["val/adv_score_best"]
+              for job in ("0", "1")]
+    result = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert result.best_value == pytest.approx(max(scores))
+    assert set(result.best_params) == {"module.optimizer.lr", "module.optimizer.weight_decay",
+                                       "datamodule.batch_size"}
+    summary = (sweep / "summary.md").read_text()
+    assert "| 0 | module.optimizer.lr=" in summary and "2 jobs, 0 failed" in summary
