@@ -38,6 +38,7 @@ from lightning_modules.utils import (
     register_resolvers,
     write_json,
 )
+from lightning_modules.wandb_panels import group_runs_by_sweep
 
 log = logging.getLogger("medrobust.train")
 THREAT_KEYS = {"norm", "eps", "train_steps"}
@@ -356,6 +357,7 @@ def _train_one_job(cfg: DictConfig) -> dict[str, Any] | None:
 def main(cfg: DictConfig) -> float | None:
     try:
         if _in_multirun():
+            group_runs_by_sweep(cfg)  # wandb: the runs of a sweep form one group
             metrics = _train_one_job(cfg)
             if metrics is None:
                 return None

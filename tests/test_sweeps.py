@@ -29,15 +29,17 @@ def _compose_hydra(overrides: list[str]):
     return cfg
 
 
-@pytest.mark.parametrize("nodes,devices", [(None, None), (3, 8)])
-def test_slurm_launcher_follows_the_trainer(nodes, devices):
-    overrides = ["hydra/launcher=slurm", "trainer=ddp_multinode"]
-    if nodes:
-        overrides += [f"trainer.num_nodes={nodes}", f"trainer.devices={devices}"]
+@pytest.mark.parametrize("trainer,nodes,devices", [("ddp_multinode", None, None),
+                                                    ("ddp_multinode", 3, 8), ("ddp", None, 2)])
+def test_slurm_launcher_follows_the_trainer(trainer, nodes, devices):
+    overrides = ["hydra/launcher=slurm", f"trainer={trainer}"]
+    overrides += [f"trainer.num_nodes={nodes}"] if nodes else []
+    overrides += [f"trainer.devices={devices}"] if devices else []
     cfg = _compose_hydra(overrides)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
-    assert launcher["nodes"] == cfg.trainer.num_nodes == (nodes or 2)
+    assert launcher["nodes"] == cfg.trainer.get("num_nodes", 1) == \
+        (nodes or (2 if trainer == "ddp_multinode" else 1))
     assert launcher["tasks_per_node"] == cfg.trainer.devices == (devices or 4)
     assert launcher["gpus_per_node"] == cfg.trainer.devices
     assert launcher["additional_parameters"]["signal"].startswith("USR1@")  # Lightning's
@@ -45,7 +47,7 @@ def test_slurm_launcher_follows_the_trainer(nodes, devices):
     # as Hydra builds it (interpolations into the trainer resolved from the root config)
     built = instantiate(cfg.hydra.launcher)
     assert (built.params["nodes"], built.params["tasks_per_node"]) == \
-        (cfg.trainer.num_nodes, cfg.trainer.devices)
+        (launcher["nodes"], cfg.trainer.devices)
 
 
 def test_ddp_multinode_under_slurm_takes_ranks_from_slurm(monkeypatch, tmp_path):
@@ -94,13 +96,18 @@ def test_slurm_multirun_submits_what_the_trainer_needs(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_submitit_local_runs_a_job_and_the_sweep_summary(tmp_path):
+    """One job through submitit's local executor, with an offline wandb run (finished, or the
+    job would never return) grouped by the sweep folder."""
     proc = _run([str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local", *CLI_FAST,
-                 "defense=none", f"paths.log_dir={tmp_path / 'logs'}"], cwd=tmp_path, timeout=150)
+                 "defense=none", "logger=wandb", "callbacks.wandb_examples.n_images=2",
+                 f"paths.log_dir={tmp_path / 'logs'}"], cwd=tmp_path, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())
     assert metrics["test"]["test/acc"] >= 0
     assert "| 0 | ok |" in (sweep / "summary.md").read_text()
+    assert OmegaConf.load(sweep / "0" / "config_resolved.yaml").logger.wandb.group == sweep.name
+    assert list((sweep / "0").glob("wandb/offline-run-*"))
 
 
 @pytest.mark.slow
