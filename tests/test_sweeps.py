@@ -61,6 +61,12 @@ def test_ddp_multinode_under_slurm_takes_ranks_from_slurm(monkeypatch, tmp_path)
              "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "77"}
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
+    # the trainer sets the process-wide rank (5 here): put it back after the test
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+
+    for fn in (rank_zero_only, utils_rank_zero_only):
+        monkeypatch.setattr(fn, "rank", fn.rank)
     trainer = instantiate(cfg.trainer, default_root_dir=tmp_path, logger=False,
                           enable_checkpointing=False)
     env = trainer._accelerator_connector.cluster_environment
