@@ -4,10 +4,11 @@
 ``callbacks.wandb_examples``: a fixed set of validation images, spread over the split, is
 attacked with the module's own validation attack and logged as the ``wandb.Table``
 ``examples/adversarial`` at the first validation epoch, every ``every_n_epochs`` epochs if set,
-and at the end of training (the final weights). One row per image: epoch, the clean image, the
-adversarial image, the perturbation amplified to be visible (mid-grey is no change; the
-largest change of that image is black or white; ``gain`` says by how much it was multiplied),
-the label, and the clean and adversarial predictions (class names; findings for multi-label).
+and at the end of training (the final weights). One row per image: epoch, its index in the
+validation split, the clean image, the adversarial image, the perturbation amplified to be
+visible (mid-grey is no change; the largest change of that image is black or white; ``gain``
+says by how much it was multiplied), the label, and the clean and adversarial predictions
+(class names; the findings present for multi-label).
 It runs on every DDP rank (the same images, so every rank takes the same collective calls)
 and logs on rank 0; parameters, modes and BatchNorm statistics are restored by the attack's
 ``attack_mode``. A run whose fit raises is finished as failed (exit code 1).
@@ -99,6 +100,7 @@ class AdversarialExamplesTable(Callback):
         self.n_images, self.every_n_epochs, self.key = int(n_images), int(every_n_epochs), key
         self.logged_epochs: list[int] = []
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._indices: list[int] = []  # positions of those images in the validation split
 
     @staticmethod
     def _wandb(trainer: L.Trainer) -> WandbLogger | None:
@@ -109,7 +111,8 @@ class AdversarialExamplesTable(Callback):
             return  # no wandb logger: nothing to draw
         dataset = trainer.datamodule.val_dataloader().dataset
         picks = np.linspace(0, len(dataset) - 1, num=min(self.n_images, len(dataset)))
-        items = [dataset[int(i)] for i in np.unique(np.rint(picks))]
+        self._indices = [int(i) for i in np.unique(np.rint(picks))]
+        items = [dataset[i] for i in self._indices]
         self._batch = (torch.stack([torch.as_tensor(x) for x, _ in items]),
                        torch.stack([torch.as_tensor(y) for _, y in items]))
 
@@ -140,6 +143,8 @@ class AdversarialExamplesTable(Callback):
         self.logged_epochs.append(epoch)
         if not trainer.is_global_zero:
             return  # attacked on every rank (the same collectives everywhere), logged on one
+        for row, index in zip(rows, self._indices, strict=True):
+            row["index"] = index  # the image's position in the validation split
         data = [[epoch, *(wandb.Image(_uint8(r[c])) if isinstance(r[c], np.ndarray) else r[c]
                           for c in COLUMNS[1:])] for r in rows]
         logger.log_table(self.key, columns=COLUMNS, data=data, step=trainer.global_step)

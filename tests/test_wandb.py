@@ -80,6 +80,7 @@ def test_offline_training_logs_the_table_and_the_curves(train_cfg, monkeypatch):
         [("examples/adversarial", 0), ("examples/adversarial", 1)]
     for _, columns, data in tables:
         assert columns == COLUMNS and len(data) == 5
+        assert [row[1] for row in data] == [0, 8, 16, 23, 31]  # spread over the 32 val images
         for row in data:
             for cell in row[2:5]:
                 assert isinstance(cell, wandb.Image)
