@@ -111,7 +111,8 @@ class RobustClassifier(L.LightningModule):
             validation predictions gets selection scores ``-1`` and is never the best.
 
     Selection scores, logged every validation epoch for the checkpoint callbacks:
-    ``val/sel_clean`` (clean score) and ``val/sel_robust`` (score under the validation attack),
+    ``val/sel_clean`` (clean score) and ``val/sel_robust`` (score under the validation attack;
+    ``val/sel_robust_best``: its best so far, what a hyperparameter search should maximise),
     both ``-1`` when the epoch is not eligible (``val/eligible`` = 0).
     """
 
@@ -161,6 +162,7 @@ class RobustClassifier(L.LightningModule):
                                    per_class=stage == "test")
             for stage in ("val", "test")})
         self.val_score_best = MaxMetric()
+        self.sel_robust_best = MaxMetric()  # the best robust score of an eligible epoch
         self.eligibility_rule = dict(eligibility or {})
         self.ineligible_epochs: dict[int, str] = {}  # epoch -> why it cannot be selected
         if eps_warmup_epochs < 0:
@@ -296,6 +298,7 @@ class RobustClassifier(L.LightningModule):
             self._log_selection(values, counts)
         elif self.trainer.sanity_checking:
             self.val_score_best.reset()
+            self.sel_robust_best.reset()
 
     def _log_selection(self, values: dict[str, torch.Tensor], counts: torch.Tensor | None
                        ) -> None:
@@ -308,6 +311,8 @@ class RobustClassifier(L.LightningModule):
         sel = {"val/eligible": float(ok),
                "val/sel_clean": clean if ok else INELIGIBLE,
                "val/sel_robust": float(values["val/adv_score"]) if ok else INELIGIBLE}
+        self.sel_robust_best.update(sel["val/sel_robust"])
+        sel["val/sel_robust_best"] = float(self.sel_robust_best.compute())
         self.log_dict({k: torch.tensor(v, device=self.device) for k, v in sel.items()})
 
     def on_test_epoch_end(self) -> None:

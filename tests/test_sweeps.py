@@ -125,7 +125,7 @@ def test_optuna_search_maximises_the_robust_validation_score(tmp_path):
                  f"paths.log_dir={tmp_path / 'logs'}"], cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
-    scores = [json.loads((sweep / job / "metrics.json").read_text())["val"]["val/adv_score_best"]
+    scores = [json.loads((sweep / job / "metrics.json").read_text())["val"]["val/sel_robust_best"]
               for job in ("0", "1")]
     result = OmegaConf.load(sweep / "optimization_results.yaml")
     assert result.best_value == pytest.approx(max(scores))
