@@ -65,6 +65,8 @@ def test_tested_checkpoint_follows_the_defense_criterion(runs, defense, criterio
             float(r["val/bal_acc"]) if eligible else -1.0)
         assert float(r["val/sel_robust"]) == pytest.approx(
             float(r["val/adv_score"]) if eligible else -1.0)
+    robust_so_far = np.maximum.accumulate([float(r["val/sel_robust"]) for r in epochs])
+    assert [float(r["val/sel_robust_best"]) for r in epochs] == pytest.approx(robust_so_far)
     scores = [float(r[f"val/sel_{criterion}"]) for r in epochs]
     best_epoch = int(epochs[int(np.argmax(scores))]["epoch"])
     if defense == "none":  # built so that the two criteria disagree: the test can tell them apart
