@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .files import index_images, missing_files_error
-from .splits import split_indices
+from .splits import merge_groups, split_indices
 from .table import ImageTable, ImageTableDataModule, check_data_dir, read_csv_checked
 
 log = logging.getLogger(__name__)
@@ -53,19 +53,10 @@ def merge_duplicate_images(frame: pd.DataFrame, meta: Path) -> pd.DataFrame:
         if rows["dx"].nunique() > 1:
             raise ValueError(f"{meta}: image {image_id} is listed {len(rows)} times with "
                              f"different dx {sorted(rows['dx'].unique())}")
-    parent: dict[str, str] = {}
-
-    def root(a: str) -> str:
-        while parent.get(a, a) != a:
-            a = parent[a]
-        return a
-
-    for _, rows in dup.groupby("image_id"):
-        first, *rest = (root(x) for x in rows["lesion_id"])
-        for other in rest:
-            if other != first:
-                parent[other] = first
-    frame = frame.assign(lesion_id=frame["lesion_id"].map(root))
+    links = [(rows["lesion_id"].iloc[0], other) for _, rows in dup.groupby("image_id")
+             for other in rows["lesion_id"].iloc[1:]]
+    lesions = merge_groups(frame["lesion_id"].to_numpy(dtype=object), links)
+    frame = frame.assign(lesion_id=lesions)
     log.warning("%s: %d image id(s) listed under more than one lesion id (e.g. %s); each image "
                 "is kept once and the lesions it links stay in one split", meta,
                 dup["image_id"].nunique(), dup["image_id"].iloc[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["split_indices", "stratified_subset"]
+__all__ = ["split_indices", "stratified_subset", "merge_groups"]
 
 
 def _surrogate_labels(labels: np.ndarray) -> np.ndarray:
@@ -90,3 +90,23 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     picked = [rng.choice(np.flatnonzero(surrogate == c), size=min(k, cnt), replace=False)
               for c, k, cnt in zip(classes, take, counts, strict=True)]
     return np.sort(np.concatenate(picked))
+
+
+def merge_groups(groups: np.ndarray, links) -> np.ndarray:
+    """``groups`` with every pair of ids in ``links`` (e.g. the two lesions an image is listed
+    under) merged into one group, transitively; each merged group takes one of its ids."""
+    parent: dict = {}
+
+    def root(a):
+        while parent.get(a, a) != a:
+            a = parent[a]
+        return a
+
+    for a, b in links:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[rb] = ra
+    if not parent:
+        return groups
+    return np.array([root(g) for g in groups], dtype=object if groups.dtype == object
+                    else groups.dtype)

@@ -6,8 +6,11 @@ this class does the rest, identically for all of them:
 - splits: rows the publisher assigned to ``val``/``test`` stay there; whatever is missing is
   carved out of the training rows, stratified by label and grouped by patient/lesion
   (:func:`~datamodules.splits.split_indices`), so no patient or lesion is in two splits;
-- checks at start-up: empty split, wrong ``in_chans`` for the images, ``num_classes`` or
-  ``task`` that contradict the data;
+- checks at start-up: a file listed twice (kept once, or an error if its rows disagree),
+  empty split, wrong ``in_chans`` for the images, ``num_classes`` or ``task`` that contradict
+  the data, and every image file of the splits (:func:`~datamodules.decode.check_image`:
+  header and end of file, decoded only when it looks cut short), so an unreadable one is
+  named before training: skipped with one warning line, or an error with ``strict``;
 - loading: decode per epoch (default), ``preload`` (decode once into memory) or ``cache_dir``
   (decode once into a memory-mapped file shared by runs and workers), with unreadable images
   skipped or fatal (``strict``);
@@ -25,15 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from lightning_modules.utils import ConfigError
+
 from .augment import build_augmentation
 from .base import SplitDataModule
 from .cache import cache_name, decode_to_memory, open_cache
 from .dataset import BadImageLog, ImageDataset
-from .decode import check_in_chans
-from .splits import split_indices
+from .decode import check_in_chans, describe_unreadable, find_unreadable
+from .splits import merge_groups, split_indices
 
 __all__ = ["ImageTable", "ImageTableDataModule", "TABLE_OPTIONS", "find_file",
-           "read_csv_checked", "check_data_dir", "one_hot_to_index"]
+           "read_csv_checked", "check_data_dir", "one_hot_to_index", "drop_duplicate_files"]
 
 log = logging.getLogger("medrobust.data")
 
@@ -114,6 +119,7 @@ class ImageTableDataModule(SplitDataModule):
         table = self.read_table()
         if len(table.paths) == 0:
             raise ValueError(f"{table.source} lists no images")
+        table = drop_duplicate_files(table)
         self.table = table
         self.task = table.task
         self.class_names = list(table.class_names)
@@ -125,11 +131,38 @@ class ImageTableDataModule(SplitDataModule):
                              f"{self.num_classes} classes: {self.class_names}")
         self.in_chans = check_in_chans(table.paths, hp.get("in_chans"))
         self.split_idx = self._limit(self._split(table))
+        # path -> reason: unreadable images found at start-up or while decoding (skipped)
+        self.unreadable: dict[str, str] = {}
+        self._announced = 0
+        self._drop_unreadable(self._check_files())
         for split in SPLITS:
             if len(self.split_idx.get(split, ())) == 0:
                 raise ValueError(f"the {split} split of {table.source} is empty "
                                  f"(split sizes: { {k: len(v) for k, v in self.split_idx.items()} })")
         self.bad_log = BadImageLog()
+
+    def _root(self) -> str:
+        return os.path.expanduser(str(self.hparams.get("data_dir") or ""))
+
+    def _check_files(self) -> dict[str, str]:
+        """Every image file of the splits, checked cheaply (see :func:`find_unreadable`)."""
+        paths = sorted({p for split in SPLITS for p in self.paths(split)})
+        return find_unreadable(paths, int(self.hparams.image_size), self.in_chans)
+
+    def _drop_unreadable(self, bad: dict[str, str]) -> None:
+        """Unreadable files: one error line with ``strict``, else one warning line; they leave
+        the splits (before any cache is keyed on them) and are counted in
+        :meth:`skipped_images`."""
+        if not bad:
+            return
+        if self.hparams.strict:
+            raise ValueError(describe_unreadable(bad, True, self._root()))
+        log.warning("%s", describe_unreadable(bad, False, self._root()))
+        self.unreadable.update(bad)
+        self._announced = len(self.unreadable)
+        paths = np.array(self.table.paths, dtype=object)
+        self.split_idx = {s: idx[~np.isin(paths[idx], list(bad))]
+                          for s, idx in self.split_idx.items()}
 
     def _split(self, table: ImageTable) -> dict[str, np.ndarray]:
         hp = self.hparams
@@ -173,14 +206,24 @@ class ImageTableDataModule(SplitDataModule):
         hp = self.hparams
         paths = self.paths(split)
         name = cache_name(self.dataset_name, split, int(hp.image_size), self.in_chans, paths)
-        return open_cache(hp.cache_dir, name, paths, int(hp.image_size), self.in_chans,
-                          bool(hp.strict))
+        return open_cache(hp.cache_dir, name, paths, int(hp.image_size), self.in_chans)
 
     def prepare_data(self) -> None:
-        """Build the image caches once (rank 0 of each node) before ``setup`` reads them."""
+        """Build the image caches once (rank 0 of each node) before ``setup`` reads them; with
+        ``strict``, an image the cache could not decode stops here (:class:`ConfigError`)."""
         if self.hparams.get("cache_dir"):
             for split in SPLITS:
-                self._cache_file(split)
+                _, bad = self._cache_file(split)
+                self._check_decoded(split, bad)
+
+    def _check_decoded(self, split: str, bad: dict[int, str]) -> dict[str, str]:
+        """``{path: reason}`` of the rows of ``split`` that decoding (preload or cache, now or
+        when the cache was built) could not read; with ``strict`` one :class:`ConfigError`."""
+        paths = self.paths(split)
+        found = {paths[i]: why for i, why in bad.items()}
+        if found and self.hparams.strict:
+            raise ConfigError(describe_unreadable(found, True, self._root()))
+        return found
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -190,35 +233,89 @@ class ImageTableDataModule(SplitDataModule):
         for split in SPLITS:
             paths, targets = self.paths(split), self.targets(split)
             images = cache_file = None
-            bad: list[int] = []
+            bad: dict[int, str] = {}
             if hp.get("cache_dir"):
                 cache_file, bad = self._cache_file(split)
             elif hp.get("preload"):
-                images, bad = decode_to_memory(paths, size, self.in_chans, bool(hp.strict))
+                images, bad = decode_to_memory(paths, size, self.in_chans)
+            self.unreadable.update(self._check_decoded(split, bad))
             rows = np.arange(len(paths))
             if bad:
-                log.warning("%s split: skipped %d unreadable image(s) of %d", split, len(bad),
-                            len(paths))
-                rows = np.setdiff1d(rows, bad)
+                rows = np.setdiff1d(rows, list(bad))
                 paths = [paths[i] for i in rows]
                 targets = targets[rows]
                 if len(rows) == 0:
-                    raise ValueError(f"every image of the {split} split is unreadable")
+                    raise ConfigError(f"every image of the {split} split is unreadable, e.g. "
+                                      f"{self.paths(split)[:3]}")
             transform = build_augmentation(hp.augmentation, self.in_chans) if split == "train" \
                 else None
             self.datasets[split] = ImageDataset(
                 paths, targets, size, self.in_chans, transform, images=images,
                 cache_file=cache_file, rows=rows, strict=bool(hp.strict), bad_log=self.bad_log,
             )
+        self._announce()
 
     def skipped_images(self) -> list[str]:
-        """Images skipped as unreadable while loading so far (all workers)."""
-        return self.bad_log.paths()
+        """Every image skipped as unreadable so far: found at start-up, by preload or the cache
+        (now or when it was built) and while loading (all workers)."""
+        return sorted(set(self.unreadable) | set(self.bad_log.paths()))
+
+    def _announce(self) -> None:
+        """One warning line for the unreadable images not yet reported."""
+        for path in self.bad_log.paths():
+            self.unreadable.setdefault(path, "")
+        if len(self.unreadable) > self._announced:
+            log.warning("%s", describe_unreadable(self.unreadable, False, self._root()))
+            self._announced = len(self.unreadable)
 
     def teardown(self, stage: str | None = None) -> None:
-        skipped = self.skipped_images()
-        if skipped:
-            log.warning("%d unreadable image(s) were skipped, e.g. %s", len(skipped), skipped[:5])
+        self._announce()
+
+
+def drop_duplicate_files(table: ImageTable) -> ImageTable:
+    """A file listed more than once (the same path, or two paths to one file through links) is
+    kept once, with one warning and the count; the patients or lesions it was listed under are
+    merged into one group, so neither the file nor their other images can be in two splits.
+    Rows of one file with different labels or different fixed splits are one error naming it."""
+    keys = [os.path.normcase(os.path.realpath(p)) for p in table.paths]
+    first: dict[str, int] = {}
+    pairs = []
+    for row, key in enumerate(keys):
+        if first.setdefault(key, row) != row:
+            pairs.append((first[key], row))
+    if not pairs:
+        return table
+    targets = np.asarray(table.targets)
+    for a, b in pairs:
+        if not np.array_equal(targets[a], targets[b]):
+            raise ValueError(f"{table.source}: {table.paths[b]} is listed twice with different "
+                             f"labels ({_label(table, a)} and {_label(table, b)})")
+        if table.splits is not None and table.splits[a] != table.splits[b]:
+            raise ValueError(f"{table.source}: {table.paths[b]} is listed for both the "
+                             f"{table.splits[a]} and the {table.splits[b]} split")
+    groups = table.groups
+    if groups is not None:
+        groups = np.asarray(groups)
+        groups = merge_groups(groups, [(groups[a], groups[b]) for a, b in pairs])
+    keep = np.array(sorted(first.values()))
+    log.warning("%s: %d file(s) listed more than once (%d extra row(s), e.g. %s); each is kept "
+                "once%s", table.source, len({a for a, _ in pairs}), len(pairs),
+                table.paths[pairs[0][1]],
+                " and the groups (patients, lesions) it is listed under stay in one split"
+                if groups is not None else "")
+    return ImageTable(
+        paths=[table.paths[i] for i in keep], targets=targets[keep],
+        class_names=table.class_names, task=table.task, source=table.source,
+        splits=None if table.splits is None else np.asarray(table.splits)[keep],
+        groups=None if groups is None else groups[keep],
+    )
+
+
+def _label(table: ImageTable, row: int) -> str:
+    t = np.asarray(table.targets)[row]
+    if np.ndim(t):
+        return "+".join(n for n, v in zip(table.class_names, t, strict=True) if v) or "none"
+    return str(table.class_names[int(t)])
 
 
 def read_csv_checked(path: str | os.PathLike, required: tuple[str, ...] = (), **kwargs
