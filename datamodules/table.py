@@ -210,48 +210,48 @@ class ImageTableDataModule(SplitDataModule):
 
     def prepare_data(self) -> None:
         """Build the image caches once (rank 0 of each node) before ``setup`` reads them; with
-        ``strict``, an image the cache could not decode stops here (:class:`ConfigError`)."""
+        ``strict``, images the caches could not decode stop here (:class:`ConfigError`)."""
         if self.hparams.get("cache_dir"):
-            for split in SPLITS:
-                _, bad = self._cache_file(split)
-                self._check_decoded(split, bad)
+            self._check_decoded({split: self._cache_file(split)[1] for split in SPLITS})
 
-    def _check_decoded(self, split: str, bad: dict[int, str]) -> dict[str, str]:
-        """``{path: reason}`` of the rows of ``split`` that decoding (preload or cache, now or
-        when the cache was built) could not read; with ``strict`` one :class:`ConfigError`."""
-        paths = self.paths(split)
-        found = {paths[i]: why for i, why in bad.items()}
+    def _check_decoded(self, bad: dict[str, dict[int, str]]) -> None:
+        """Rows of each split that decoding (preload, or the cache now or when it was built)
+        could not read: with ``strict`` one :class:`ConfigError` naming them all, else they
+        are counted in :meth:`skipped_images`."""
+        found = {self.paths(split)[i]: why for split, rows in bad.items()
+                 for i, why in rows.items()}
         if found and self.hparams.strict:
             raise ConfigError(describe_unreadable(found, True, self._root()))
-        return found
+        self.unreadable.update(found)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         hp = self.hparams
         size = int(hp.image_size)
+        loaded: dict[str, tuple[np.ndarray | None, str | None, dict[int, str]]] = {}
         for split in SPLITS:
-            paths, targets = self.paths(split), self.targets(split)
-            images = cache_file = None
-            bad: dict[int, str] = {}
             if hp.get("cache_dir"):
                 cache_file, bad = self._cache_file(split)
+                loaded[split] = (None, cache_file, bad)
             elif hp.get("preload"):
-                images, bad = decode_to_memory(paths, size, self.in_chans)
-            self.unreadable.update(self._check_decoded(split, bad))
-            rows = np.arange(len(paths))
-            if bad:
-                rows = np.setdiff1d(rows, list(bad))
-                paths = [paths[i] for i in rows]
-                targets = targets[rows]
-                if len(rows) == 0:
-                    raise ConfigError(f"every image of the {split} split is unreadable, e.g. "
-                                      f"{self.paths(split)[:3]}")
+                images, bad = decode_to_memory(self.paths(split), size, self.in_chans)
+                loaded[split] = (images, None, bad)
+            else:
+                loaded[split] = (None, None, {})
+        self._check_decoded({split: bad for split, (_, _, bad) in loaded.items()})
+        for split, (images, cache_file, bad) in loaded.items():
+            paths, targets = self.paths(split), self.targets(split)
+            rows = np.setdiff1d(np.arange(len(paths)), list(bad))
+            if len(rows) == 0:
+                raise ConfigError(f"every image of the {split} split is unreadable, e.g. "
+                                  f"{paths[:3]}")
             transform = build_augmentation(hp.augmentation, self.in_chans) if split == "train" \
                 else None
             self.datasets[split] = ImageDataset(
-                paths, targets, size, self.in_chans, transform, images=images,
-                cache_file=cache_file, rows=rows, strict=bool(hp.strict), bad_log=self.bad_log,
+                [paths[i] for i in rows], targets[rows], size, self.in_chans, transform,
+                images=images, cache_file=cache_file, rows=rows, strict=bool(hp.strict),
+                bad_log=self.bad_log,
             )
         self._announce()
 
