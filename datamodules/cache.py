@@ -2,7 +2,7 @@
 
 The cache (:func:`open_cache`): the first run decodes every image of a split once and writes
 them to ``<cache_dir>/<dataset>-<split>-<size>px-<C>ch-<hash>.npy``; the hash covers the file list
-(paths and sizes), so a changed dataset gets a new cache. Later runs and every dataloader worker
+(paths, sizes and modification times), so a changed dataset gets a new cache. Later runs and every dataloader worker
 memory-map the file read-only. Writing goes to a temporary name and is renamed at the end, so a
 killed run never leaves a half-written cache behind. Images that cannot be decoded stay zero
 and are recorded in the cache's ``.json`` (rows, paths, reasons), so every later run knows them
@@ -30,12 +30,14 @@ log = logging.getLogger("medrobust.data")
 
 def cache_name(dataset: str, split: str, image_size: int, in_chans: int,
                paths: Sequence[str]) -> str:
-    """Cache file name keyed by dataset, split, size, channels and a hash of the file list."""
+    """Cache file name keyed by dataset, split, size, channels and a hash of the file list
+    (paths, sizes and modification times: a file replaced in place gets a new cache)."""
     h = hashlib.sha1()
     for p in paths:
         h.update(os.path.abspath(p).encode())
         try:
-            h.update(str(os.stat(p).st_size).encode())
+            st = os.stat(p)
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         except OSError:
             h.update(b"?")
         h.update(b"\0")

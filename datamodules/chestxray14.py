@@ -93,6 +93,10 @@ class ChestXray14DataModule(ImageTableDataModule):
         if tv_path and test_path:
             train_val, test = _read_list(tv_path), _read_list(test_path)
             names = frame["Image Index"].str.strip()
+            both = sorted(train_val & test & set(names))
+            if both:
+                log.warning("%d image(s) are in both %s and %s (e.g. %s); they are kept in the "
+                            "test split only", len(both), tv_path, test_path, both[0])
             splits = np.where(names.isin(test), "test",
                               np.where(names.isin(train_val), "train", "none"))
             dropped = int((splits == "none").sum())

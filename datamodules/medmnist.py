@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -143,33 +145,51 @@ class MedMNISTDataModule(SplitDataModule):
 
     def _load(self, path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         try:
-            npz = np.load(path)
-            arrays = {s: (npz[f"{s}_images"], npz[f"{s}_labels"]) for s in SPLITS}
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {s: (npz[f"{s}_images"], npz[f"{s}_labels"]) for s in SPLITS}
         except KeyError as err:
             raise ValueError(f"{path} lacks the array {err}; a MedMNIST file has "
                              f"{[f'{s}_{k}' for s in SPLITS for k in ('images', 'labels')]}") from err
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read {path}: {err}") from err
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise ValueError(f"cannot read {path} (not a MedMNIST .npz, or damaged): "
+                             f"{type(err).__name__}: {err}") from err
         out = {}
         for split, (images, labels) in arrays.items():
-            if len(images) == 0:
-                raise ValueError(f"the {split} split of {path} is empty")
+            if images.ndim not in (3, 4) or len(images) == 0:
+                raise ValueError(f"{path}: {split}_images must be (N, H, W) or (N, H, W, C) "
+                                 f"with N >= 1, found shape {images.shape}")
             if images.ndim == 3:
                 images = images[..., None]
             if images.shape[-1] != self.in_chans:
                 raise ValueError(f"{path}: {split}_images have {images.shape[-1]} channel(s), "
                                  f"but {self.flag} has {self.in_chans}")
-            if self.task == "multiclass":
-                labels = labels.reshape(len(labels), -1)[:, 0].astype(np.int64)
-                if labels.min() < 0 or labels.max() >= self.num_classes:
-                    raise ValueError(f"{path}: {split}_labels outside 0..{self.num_classes - 1}")
-            else:
-                labels = labels.astype(np.float32)
+            labels = self._check_labels(labels, len(images), f"{path}: {split}_labels")
             limit = self.hparams.limit
             if limit is not None:
                 images, labels = images[: int(limit)], labels[: int(limit)]
             out[split] = (self._resize(images.astype(np.uint8)), labels)
         return out
+
+    def _check_labels(self, labels: np.ndarray, n: int, where: str) -> np.ndarray:
+        """``(N,)`` int64 class indices, or ``(N, K)`` float32 0/1 findings; anything else (a
+        count that differs from the images', a fraction, a value out of range) is one error."""
+        if not np.issubdtype(labels.dtype, np.number) or labels.ndim not in (1, 2) \
+                or len(labels) != n:
+            raise ValueError(f"{where} must be {n} numeric rows (one per image), found "
+                             f"{labels.dtype} of shape {labels.shape}")
+        labels = labels.reshape(n, -1)
+        if self.task == "multilabel":
+            if labels.shape[1] != self.num_classes or not np.isin(labels, (0, 1)).all():
+                raise ValueError(f"{where} must be 0/1 of shape ({n}, {self.num_classes}), found "
+                                 f"shape {labels.shape} with values {np.unique(labels)[:5]}")
+            return labels.astype(np.float32)
+        first = labels[:, 0]
+        if labels.shape[1] != 1 or (first != np.round(first)).any() or first.min() < 0 \
+                or first.max() >= self.num_classes:
+            raise ValueError(f"{where} must be one class index 0..{self.num_classes - 1} per "
+                             f"image, found shape {labels.shape}, values {first.min()}.."
+                             f"{first.max()}")
+        return first.astype(np.int64)
 
     def _resize(self, images: np.ndarray) -> np.ndarray:
         if images.shape[1] == self.image_size and images.shape[2] == self.image_size:

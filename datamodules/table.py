@@ -186,6 +186,7 @@ class ImageTableDataModule(SplitDataModule):
                 out["train"] = np.sort(np.concatenate([carved["train"], carved["val"]]))
             if need_test:
                 out["test"] = carved["test"]
+        _warn_shared_groups(table, out)
         return out
 
     def _limit(self, split_idx: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -311,6 +312,23 @@ def drop_duplicate_files(table: ImageTable) -> ImageTable:
     )
 
 
+def _warn_shared_groups(table: ImageTable, split_idx: dict[str, np.ndarray]) -> None:
+    """One warning with the count when a patient or lesion is in two splits. Splits carved here
+    never share one; splits fixed by the data (a publisher's lists, a ``split_column``) can."""
+    if table.groups is None:
+        return
+    groups = np.asarray(table.groups)
+    where: dict = {}
+    for split, idx in split_idx.items():
+        for g in set(groups[idx].tolist()):
+            where.setdefault(g, []).append(split)
+    shared = sorted((g for g, s in where.items() if len(s) > 1), key=str)
+    if shared:
+        log.warning("%s: %d patient/lesion group(s) are in more than one split as the data "
+                    "fixes them (e.g. %s in %s): their images are not independent across those "
+                    "splits", table.source, len(shared), shared[0], " and ".join(where[shared[0]]))
+
+
 def _label(table: ImageTable, row: int) -> str:
     t = np.asarray(table.targets)[row]
     if np.ndim(t):
@@ -353,6 +371,11 @@ def one_hot_to_index(frame: pd.DataFrame, columns: list[str], source: str) -> np
         onehot = frame[columns].astype(float).to_numpy()
     except ValueError as err:
         raise ValueError(f"{source}: class columns {columns} must hold 0/1 values ({err})") from err
+    odd = ~np.isin(onehot, (0.0, 1.0))
+    if odd.any():
+        row, col = np.argwhere(odd)[0]
+        raise ValueError(f"{source}: class columns must hold 0 or 1; row {row} column "
+                         f"{columns[col]!r} is {frame[columns[col]].iloc[row]!r}")
     ones = (onehot > 0.5).sum(axis=1)
     bad = np.flatnonzero(ones != 1)
     if len(bad):

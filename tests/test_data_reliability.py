@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from datamodules import from_config
 from lightning_modules.utils import ConfigError
@@ -111,24 +114,18 @@ def test_preload_counts_and_strict(tmp_path, caplog):
         strict.setup()
 
 
-def _ham_run(train_cfg, ham_dir, *extra):
-    return train(train_cfg("datamodule=ham10000", f"datamodule.data_dir={ham_dir}",
-                           "datamodule.image_size=16", "datamodule.num_workers=0",
-                           "datamodule.batch_size=8", "trainer.limit_train_batches=1",
-                           "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-                           *extra))
-
-
 @pytest.mark.parametrize("mode", ["preload", "cache"])
 def test_metrics_json_lists_skipped_images_with_preload_and_cache(train_cfg, tmp_path, mode):
-    ham = write_ham_fixture(tmp_path / "ham")
-    files = sorted(ham.glob("HAM10000_images_part_*/*.jpg"))
-    layouts.corrupt(files[3])
-    (files[10]).write_bytes(b"")
-    extra = ["datamodule.preload=true"] if mode == "preload" else \
-        [f"datamodule.cache_dir={tmp_path / 'cache'}"]
-    result = _ham_run(train_cfg, ham, *extra)
-    assert result["skipped_images"] == sorted([str(files[3]), str(files[10])])
+    """One file found at start-up (truncated), one only by decoding (damaged pixel data)."""
+    root = layouts.write_folder(tmp_path / "d", splits=True)
+    cut, damaged = root / "train" / "benign" / "img_005.png", root / "test" / "normal" / "img_001.png"
+    layouts.corrupt(cut)
+    damage_png_data(damaged)
+    extra = "datamodule.preload=true" if mode == "preload" else \
+        f"datamodule.cache_dir={tmp_path / 'cache'}"
+    result = train(train_cfg("datamodule=folder", f"datamodule.data_dir={root}",
+                             "datamodule.num_workers=0", "train=false", extra))
+    assert result["skipped_images"] == sorted([str(cut), str(damaged)])
     saved = json.loads((Path(result["output_dir"]) / "metrics.json").read_text())
     assert saved["skipped_images"] == result["skipped_images"]
 
@@ -154,14 +151,14 @@ def test_train_strict_with_a_bad_image_is_one_line_before_training(train_cfg, tm
 
 
 # --------------------------------------------------------------------- no file in two splits
-def _assert_no_file_in_two_splits(dm) -> None:
+def _assert_no_file_in_two_splits(dm, groups: bool = True) -> None:
     files = {s: [os.path.realpath(p) for p in dm.paths(s)] for s in SPLITS}
     for split, paths in files.items():
         assert len(set(paths)) == len(paths), f"a file twice in {split}"
     for i, a in enumerate(SPLITS):
         for b in SPLITS[i + 1:]:
             assert not set(files[a]) & set(files[b]), f"a file in {a} and {b}"
-    if dm.table.groups is not None:
+    if groups and dm.table.groups is not None:
         groups = {s: set(np.asarray(dm.table.groups)[dm.split_idx[s]].tolist()) for s in SPLITS}
         for i, a in enumerate(SPLITS):
             for b in SPLITS[i + 1:]:
@@ -278,4 +275,241 @@ def test_isic_image_in_two_ground_truths_is_an_error(tmp_path):
                            / "ISIC2018_Task3_Training_GroundTruth.csv")
     pd.concat([pd.read_csv(gt), train_gt.iloc[[0]]]).to_csv(gt, index=False)
     with pytest.raises(ValueError, match="1 image id.*listed twice.*ISIC_0024306"):
+        from_config("isic2018", data_dir=str(root), **LOADER)
+
+
+# ------------------------------------------------------------------ property-based (hypothesis)
+FUZZ = settings(max_examples=int(os.environ.get("MEDROBUST_FUZZ_EXAMPLES", "30")), deadline=None,
+                derandomize="MEDROBUST_FUZZ_EXAMPLES" not in os.environ, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow, HealthCheck.data_too_large])
+ONE_LINE_ERRORS = (ValueError, OSError, ConfigError)
+
+
+def _good_bytes() -> dict[str, bytes]:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(1).integers(0, 255, (18, 24, 3), dtype=np.uint8)
+    out = {}
+    for fmt in ("PNG", "JPEG", "TIFF", "BMP"):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, fmt)
+        out[fmt] = buf.getvalue()
+    return out
+
+
+GOOD = _good_bytes()
+
+
+@st.composite
+def damaged_image(draw) -> bytes:
+    """A valid PNG/JPEG/TIFF/BMP cut short, with bytes overwritten or inserted, or pure noise."""
+    data = bytearray(GOOD[draw(st.sampled_from(sorted(GOOD)))])
+    kind = draw(st.sampled_from(["truncate", "overwrite", "insert", "noise"]))
+    if kind == "truncate":
+        return bytes(data[: draw(st.integers(0, len(data) - 1))])
+    if kind == "noise":
+        return draw(st.binary(max_size=600))
+    at = draw(st.integers(0, len(data) - 1))
+    chunk = draw(st.binary(min_size=1, max_size=16))
+    if kind == "overwrite":
+        data[at:at + len(chunk)] = chunk
+    else:
+        data[at:at] = chunk
+    return bytes(data)
+
+
+def _assert_one_line_naming(err: BaseException, *names: str) -> None:
+    text = str(err)
+    assert isinstance(err, ONE_LINE_ERRORS), f"{type(err).__name__}: {text}"
+    assert "\n" not in text and any(n in text for n in names), text
+
+
+def test_fuzz_damaged_images_are_skipped_and_counted_or_one_line(tmp_path):
+    from datamodules.decode import decode_image
+
+    root = layouts.write_folder(tmp_path / "d", splits=True)
+    victims = [root / "train" / "benign" / "img_001.png", root / "val" / "normal" / "img_000.png",
+               root / "test" / "malignant" / "img_002.png"]
+    originals = {v: v.read_bytes() for v in victims}
+
+    @FUZZ
+    @given(images=st.lists(damaged_image(), min_size=1, max_size=3),
+           mode=st.sampled_from(["decode", "preload", "cache"]), strict=st.booleans())
+    def run(images, mode, strict):
+        hit = victims[: len(images)]
+        for victim, data in zip(hit, images, strict=False):
+            victim.write_bytes(data)
+        extra = {"decode": {}, "preload": {"preload": True},
+                 "cache": {"cache_dir": str(tmp_path / "cache")}}[mode]
+        try:
+            dm = from_config("folder", data_dir=str(root), strict=strict, **LOADER, **extra)
+            dm.prepare_data()
+            dm.setup()
+            for split in SPLITS:  # every image, in order (the training loader drops some)
+                for x, y in dm._loader(split, shuffle=False):
+                    assert x.shape[1:] == (3, 16, 16) and 0 <= int(y.min()) <= int(y.max()) < 3
+        except ONE_LINE_ERRORS as err:
+            assert strict, f"not strict, yet {type(err).__name__}: {err}"
+            _assert_one_line_naming(err, *(v.name for v in hit))
+            return
+        finally:
+            for victim in hit:
+                victim.write_bytes(originals[victim])
+        skipped = set(dm.skipped_images())
+        assert skipped <= {str(v) for v in hit}
+        for victim in hit:  # every damaged file is either listed as skipped or was decoded
+            assert str(victim) in skipped or _decodes(decode_image, victim, images[hit.index(victim)])
+
+    run()
+
+
+def _decodes(decode_image, path: Path, data: bytes) -> bool:
+    saved = path.read_bytes()
+    path.write_bytes(data)
+    try:
+        decode_image(str(path), 16, 3)
+        return True
+    except OSError:
+        return False
+    finally:
+        path.write_bytes(saved)
+
+
+CELLS = st.one_of(st.sampled_from(["benign", "malignant", "normal", "", " ", "train", "val",
+                                   "test", "0", "1", "imgs/case_000.jpg", "imgs/case_001.jpg",
+                                   "imgs/none.jpg", "../x.jpg", '"', ",", "NaN", "None"]),
+                  st.text(max_size=8))
+COLUMNS = st.sampled_from(["path", "diagnosis", "patient_id", "split", "extra", "Path",
+                           " diagnosis ", "", "path"])
+
+
+@st.composite
+def csv_bytes(draw) -> bytes:
+    """A labels.csv: usually the right columns with a few cells replaced by odd values; some
+    columns missing, extra, misnamed or repeated; LF or CRLF; UTF-8, BOM, Latin-1 or UTF-16."""
+    columns = ["path", "diagnosis", "patient_id", "split"]
+    if draw(st.booleans()):
+        columns = draw(st.lists(COLUMNS, min_size=1, max_size=5))
+    rows = []
+    for k in range(draw(st.integers(0, 40))):
+        good = {"path": f"imgs/case_{k:03d}.jpg", "diagnosis": ["benign", "malignant",
+                "normal"][k % 3], "patient_id": f"P{k // 2}",
+                "split": ["train", "train", "train", "val", "test"][k % 5]}
+        row = [good.get(c.strip(), "x") for c in columns]
+        if draw(st.integers(0, 4)) == 0:
+            row[draw(st.integers(0, len(row) - 1))] = draw(CELLS)
+        rows.append(row)
+    buf = pd.DataFrame(rows, columns=columns).to_csv(index=False,
+                                                     lineterminator=draw(st.sampled_from(
+                                                         ["\n", "\r\n"])))
+    return buf.encode(draw(st.sampled_from(["utf-8", "utf-8-sig", "latin-1", "utf-16"])),
+                      errors="replace")
+
+
+def test_fuzz_csv_loads_or_one_line_error(tmp_path):
+    root = layouts.write_csv_dataset(tmp_path / "c", n=40)
+    csv = root / "labels.csv"
+
+    @FUZZ
+    @given(data=csv_bytes(), use_split=st.booleans(), classes=st.sampled_from(
+        [None, ["benign", "malignant", "normal"]]))
+    def run(data, use_split, classes):
+        csv.write_bytes(data)
+        try:
+            dm = from_config("csv", data_dir=str(root), csv_file="labels.csv", path_column="path",
+                             label_column="diagnosis", group_column="patient_id",
+                             split_column="split" if use_split else None, classes=classes,
+                             val_fraction=0.2, test_fraction=0.2, **LOADER)
+        except ONE_LINE_ERRORS as err:
+            _assert_one_line_naming(err, "labels.csv", "datamodule.", str(root))
+            return
+        targets = np.asarray(dm.table.targets)
+        assert targets.min() >= 0 and targets.max() < dm.num_classes
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False, encoding_errors="replace")
+        labels = dict(zip(frame["path"].str.strip(), frame["diagnosis"].str.strip(), strict=False))
+        for path, t in zip(dm.table.paths, targets, strict=True):  # never a wrong label
+            assert dm.class_names[int(t)] == labels[os.path.relpath(path, root)]
+        _assert_no_file_in_two_splits(dm, groups=not use_split)  # a split column may share
+
+    run()
+
+
+def test_patient_in_two_fixed_splits_is_a_warning_with_count(tmp_path, caplog):
+    root = layouts.write_csv_dataset(tmp_path / "c")
+    frame = pd.read_csv(root / "labels.csv")
+    frame["split"] = ["train"] * 31 + ["val"] * 5 + ["test"] * 4  # P015 in train and val
+    with caplog.at_level("WARNING", logger="medrobust.data"):
+        _csv(root, frame, split_column="split")
+    assert "1 patient/lesion group(s) are in more than one split as the data fixes them " \
+           "(e.g. P015 in train and val)" in caplog.text
+
+
+ODD_ARRAYS = [  # what a damaged or foreign .npz may hold instead of an array
+    lambda a: a[:-1], lambda a: a[:0], lambda a: a.astype(np.float32) + 0.5,
+    lambda a: a.astype(np.int16) - 1, lambda a: a.astype(np.int64) + 9,
+    lambda a: a.reshape(len(a), -1)[:, :1], lambda a: np.array(["a", "b"]),
+    lambda a: np.zeros((len(a), 2), np.uint8), lambda a: a[..., None]]
+
+
+@st.composite
+def medmnist_arrays(draw) -> dict[str, np.ndarray]:
+    """The six arrays of a pathmnist file, some with an odd shape, dtype, length or value."""
+    arrays = {}
+    for split, n in zip(SPLITS, (12, 4, 4), strict=True):
+        arrays[f"{split}_images"] = np.full((n, 28, 28, 3), 7, np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 9).reshape(-1, 1).astype(np.uint8)
+    for _ in range(draw(st.integers(0, 2))):
+        key = draw(st.sampled_from(sorted(arrays)))
+        arrays[key] = draw(st.sampled_from(ODD_ARRAYS))(arrays[key])
+    if draw(st.booleans()):
+        arrays.pop(draw(st.sampled_from(sorted(arrays))))
+    return arrays
+
+
+def test_fuzz_medmnist_file_loads_or_one_line_error(tmp_path):
+    import io
+
+    path = tmp_path / "pathmnist.npz"
+
+    @FUZZ
+    @given(arrays=medmnist_arrays(), damage=st.sampled_from(["none", "truncate", "overwrite"]),
+           at=st.floats(0, 1), chunk=st.binary(min_size=1, max_size=32))
+    def run(arrays, damage, at, chunk):
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        data = bytearray(buf.getvalue())
+        cut = int(at * (len(data) - 1))
+        if damage == "truncate":
+            data = data[:cut]
+        elif damage == "overwrite":
+            data[cut:cut + len(chunk)] = chunk
+        path.write_bytes(bytes(data))
+        try:
+            dm = from_config("medmnist", flag="pathmnist", data_dir=str(tmp_path), size=28,
+                             download=False, image_size=16, num_workers=0, batch_size=8)
+        except ValueError as err:
+            _assert_one_line_naming(err, str(path))
+            return
+        dm.setup()
+        for split in SPLITS:
+            labels = dm.targets(split)
+            assert labels.dtype == np.int64 and 0 <= labels.min() and labels.max() < 9
+            assert len(dm.datasets[split]) == len(labels) == len(arrays[f"{split}_images"])
+            for x, y in dm._loader(split, shuffle=False):
+                assert x.shape[1:] == (3, 16, 16) and y.dtype == torch.long
+
+    run()
+
+
+def test_isic_one_hot_cell_other_than_0_or_1_is_an_error(tmp_path):
+    root = layouts.write_isic2018(tmp_path / "isic")
+    gt = root / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv"
+    frame = pd.read_csv(gt)
+    frame.loc[3, "MEL"] = 0.7
+    frame.to_csv(gt, index=False)
+    with pytest.raises(ValueError, match="class columns must hold 0 or 1; row 3 column 'MEL' "
+                                         "is '0.7'"):
         from_config("isic2018", data_dir=str(root), **LOADER)
