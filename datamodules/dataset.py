@@ -3,7 +3,9 @@
 Unreadable files (corrupt or truncated): with ``strict=False`` each is skipped with a warning
 that names it, the batch is simply one image shorter, and :class:`BadImageLog` keeps the list
 (shared by dataloader worker processes through a small file) for a final count; with
-``strict=True`` the first one stops the run with its path.
+``strict=True`` the first one stops the run with its path (:class:`ConfigError`, one line).
+The datamodules check every file at start-up, so what is met here was damaged inside its pixel
+data (and neither ``preload`` nor the cache decoded it first) or after start-up.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from .decode import decode_image
+from lightning_modules.utils import ConfigError
+
+from .decode import decode_image, unreadable_reason
 
 __all__ = ["BadImageLog", "ImageDataset", "skip_none_collate"]
 
@@ -35,14 +39,27 @@ class BadImageLog:
     def add(self, path: str, err: BaseException) -> None:
         log.warning("skipping unreadable image %s (%s)", path, err)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(path + "\n")
+            why = " ".join(unreadable_reason(err, path).split())
+            f.write(f"{path}\t{why}\n")
 
-    def paths(self) -> list[str]:
+    def reasons(self) -> dict[str, str]:
+        """``{path: reason}`` of every image recorded so far (by any process)."""
         try:
             with open(self.path, encoding="utf-8") as f:
-                return sorted({line.strip() for line in f if line.strip()})
+                rows = [line.rstrip("\n").partition("\t") for line in f if line.strip()]
         except FileNotFoundError:
-            return []
+            return {}
+        return {p: why for p, _, why in rows}
+
+    def paths(self) -> list[str]:
+        return sorted(self.reasons())
+
+    def __len__(self) -> int:
+        """Nonzero once anything was recorded (one ``stat``; cheap enough per batch)."""
+        try:
+            return int(os.path.getsize(self.path) > 0)
+        except OSError:
+            return 0
 
     def __del__(self) -> None:  # pragma: no cover - best effort clean-up
         try:
@@ -103,9 +120,14 @@ class ImageDataset(Dataset):
             try:
                 img = decode_image(path, self.image_size, self.in_chans)
             except OSError as err:
-                if self.strict or self.bad_log is None:
-                    raise OSError(f"{err} (set datamodule.strict=false to skip unreadable "
-                                  "images with a warning)") from err
+                # strict: one line (train.py, evaluate.py). In a worker process an exception
+                # would reach the main process with the worker's traceback in its message, so
+                # there the image is recorded and the datamodule raises in the main process
+                # (ImageTableDataModule.on_before_batch_transfer).
+                in_worker = get_worker_info() is not None
+                if self.bad_log is None or (self.strict and not in_worker):
+                    raise ConfigError(f"{err} (datamodule.strict=true; set it to false to skip "
+                                      "unreadable images with a warning)") from None
                 self.bad_log.add(path, err)
                 return None
         if self.transform is not None:

@@ -263,8 +263,8 @@ class ImageTableDataModule(SplitDataModule):
 
     def _announce(self) -> None:
         """One warning line for the unreadable images not yet reported."""
-        for path in self.bad_log.paths():
-            self.unreadable.setdefault(path, "")
+        for path, why in self.bad_log.reasons().items():
+            self.unreadable.setdefault(path, why)
         if len(self.unreadable) > self._announced:
             log.warning("%s", describe_unreadable(self.unreadable, False, self._root()))
             self._announced = len(self.unreadable)
@@ -272,14 +272,21 @@ class ImageTableDataModule(SplitDataModule):
     def teardown(self, stage: str | None = None) -> None:
         self._announce()
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """With ``strict``: an image a worker process could not decode stops the run here, in
+        the main process, with one line (see :class:`~datamodules.dataset.ImageDataset`)."""
+        if self.hparams.strict and len(self.bad_log):
+            raise ConfigError(describe_unreadable(self.bad_log.reasons(), True, self._root()))
+        return batch
+
 
 def drop_duplicate_files(table: ImageTable) -> ImageTable:
-    """A file listed more than once (the same path, or two paths to one file through links) is
-    kept once, with one warning and the count; the patients or lesions it was listed under are
-    merged into one group, so neither the file nor their other images can be in two splits.
-    Rows of one file with different labels or different fixed splits are one error naming it."""
-    keys = [os.path.normcase(os.path.realpath(p)) for p in table.paths]
-    first: dict[str, int] = {}
+    """A file listed more than once (the same path, or two paths to one file through symbolic
+    or hard links) is kept once, with one warning and the count; the patients or lesions it was
+    listed under are merged into one group, so neither the file nor their other images can be
+    in two splits. Rows of one file with different labels or fixed splits are one error."""
+    keys = [_file_key(p) for p in table.paths]
+    first: dict = {}
     pairs = []
     for row, key in enumerate(keys):
         if first.setdefault(key, row) != row:
@@ -310,6 +317,18 @@ def drop_duplicate_files(table: ImageTable) -> ImageTable:
         splits=None if table.splits is None else np.asarray(table.splits)[keep],
         groups=None if groups is None else groups[keep],
     )
+
+
+def _file_key(path: str):
+    """What makes two paths one file: device and inode (one ``stat``, cheaper than resolving
+    links), or the normalised absolute path where there is no inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and st.st_ino:
+        return st.st_dev, st.st_ino
+    return os.path.normcase(os.path.abspath(path))
 
 
 def _warn_shared_groups(table: ImageTable, split_idx: dict[str, np.ndarray]) -> None:

@@ -114,6 +114,47 @@ def test_preload_counts_and_strict(tmp_path, caplog):
         strict.setup()
 
 
+def test_damage_met_while_loading_skipped_or_one_line_when_strict(tmp_path, caplog):
+    """Without preload or cache, damage inside the pixel data is met in the loader."""
+    root = layouts.write_folder(tmp_path / "d", splits=True)
+    victim = root / "val" / "benign" / "img_000.png"
+    damage_png_data(victim)
+    lenient = from_config("folder", data_dir=str(root), **LOADER)
+    lenient.setup()
+    with caplog.at_level("WARNING", logger="medrobust.data"):
+        assert sum(len(y) for _, y in lenient.val_dataloader()) == 8
+        lenient.teardown()
+    assert lenient.skipped_images() == [str(victim)]
+    assert "skipped 1 unreadable image(s) (strict=false): val/benign/img_000.png" in caplog.text
+    strict = from_config("folder", data_dir=str(root), strict=True, **LOADER)
+    strict.setup()
+    with pytest.raises(ConfigError, match=r"^cannot read image .*img_000.png: broken data "
+                                          r"stream.* \(datamodule.strict=true;") as err:
+        list(strict.val_dataloader())
+    assert "\n" not in str(err.value)
+
+
+def test_strict_damage_met_in_a_worker_process_is_one_line(train_cfg, tmp_path, capsys):
+    """A worker's exception would carry its traceback; the main process raises instead."""
+    import logging
+
+    from lightning_modules.utils import exit_on_config_error
+
+    root = layouts.write_folder(tmp_path / "d", splits=True)
+    damage_png_data(root / "val" / "benign" / "img_000.png")
+    cfg = train_cfg("datamodule=folder", f"datamodule.data_dir={root}", "datamodule.strict=true",
+                    "datamodule.num_workers=1", "trainer.limit_train_batches=1")
+    with pytest.raises(SystemExit) as stop, exit_on_config_error(logging.getLogger("t")):
+        train(cfg)
+    assert stop.value.code == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("medrobust")]
+    assert "Traceback" not in stderr and "Caught" not in stderr
+    assert err == ["medrobust: error: 1 unreadable image(s) and datamodule.strict=true: "
+                   "val/benign/img_000.png (first: broken data stream when reading image file); "
+                   "replace or remove them, or set datamodule.strict=false to skip them"]
+
+
 @pytest.mark.parametrize("mode", ["preload", "cache"])
 def test_metrics_json_lists_skipped_images_with_preload_and_cache(train_cfg, tmp_path, mode):
     """One file found at start-up (truncated), one only by decoding (damaged pixel data)."""
