@@ -90,6 +90,26 @@ def _download(data_dir: str, flag: str, size: int) -> None:
         log.warning("medmnist download of %s (size %d) failed: %s", flag, size, err)
 
 
+def _warn_shared_images(path: str, images: dict[str, np.ndarray]) -> None:
+    """One warning with the count when the official splits hold pixel-identical images (the
+    splits are kept as published; a count says how far test accuracy may flatter)."""
+    import hashlib
+
+    seen: dict[bytes, str] = {}
+    shared: dict[str, int] = {}
+    for split, arr in images.items():
+        for img in arr:
+            key = hashlib.sha1(np.ascontiguousarray(img).tobytes()).digest()
+            first = seen.setdefault(key, split)
+            if first != split:
+                pair = f"{first}/{split}"
+                shared[pair] = shared.get(pair, 0) + 1
+    if shared:
+        log.warning("%s: pixel-identical images in two official splits (%s); the splits are "
+                    "kept as published", path,
+                    ", ".join(f"{n} {pair}" for pair, n in sorted(shared.items())))
+
+
 class MedMNISTDataModule(SplitDataModule):
     """One MedMNIST 2D dataset; see the module docstring.
 
@@ -153,7 +173,7 @@ class MedMNISTDataModule(SplitDataModule):
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise ValueError(f"cannot read {path} (not a MedMNIST .npz, or damaged): "
                              f"{type(err).__name__}: {err}") from err
-        out = {}
+        out, published = {}, {}
         for split, (images, labels) in arrays.items():
             if images.ndim not in (3, 4) or len(images) == 0:
                 raise ValueError(f"{path}: {split}_images must be (N, H, W) or (N, H, W, C) "
@@ -167,7 +187,9 @@ class MedMNISTDataModule(SplitDataModule):
             limit = self.hparams.limit
             if limit is not None:
                 images, labels = images[: int(limit)], labels[: int(limit)]
+            published[split] = images
             out[split] = (self._resize(images.astype(np.uint8)), labels)
+        _warn_shared_images(path, published)
         return out
 
     def _check_labels(self, labels: np.ndarray, n: int, where: str) -> np.ndarray:

@@ -554,3 +554,16 @@ def test_isic_one_hot_cell_other_than_0_or_1_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="class columns must hold 0 or 1; row 3 column 'MEL' "
                                          "is '0.7'"):
         from_config("isic2018", data_dir=str(root), **LOADER)
+
+
+def test_medmnist_identical_images_in_two_official_splits_are_counted(tmp_path, caplog):
+    path = layouts.write_medmnist(tmp_path, "pathmnist")
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    arrays["test_images"][:3] = arrays["train_images"][5:8]
+    np.savez(path, **arrays)
+    with caplog.at_level("WARNING", logger="medrobust.data"):
+        dm = from_config("medmnist", flag="pathmnist", data_dir=str(tmp_path), size=28,
+                         download=False, num_workers=0)
+    assert "pixel-identical images in two official splits (3 train/test)" in caplog.text
+    assert len(dm.targets("test")) == 12  # kept as published
