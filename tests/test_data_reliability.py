@@ -502,8 +502,7 @@ def medmnist_arrays(draw) -> dict[str, np.ndarray]:
     for split, n in zip(SPLITS, (12, 4, 4), strict=True):
         arrays[f"{split}_images"] = np.full((n, 28, 28, 3), 7, np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % 9).reshape(-1, 1).astype(np.uint8)
-    for _ in range(draw(st.integers(0, 2))):
-        key = draw(st.sampled_from(sorted(arrays)))
+    for key in draw(st.lists(st.sampled_from(sorted(arrays)), max_size=2, unique=True)):
         arrays[key] = draw(st.sampled_from(ODD_ARRAYS))(arrays[key])
     if draw(st.booleans()):
         arrays.pop(draw(st.sampled_from(sorted(arrays))))
