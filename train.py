@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.base import balanced_class_weights
+from lightning_modules import resume
 from lightning_modules.backbones import check_input_size
 from lightning_modules.selection import CRITERIA, INELIGIBLE, chance_level
 from lightning_modules.utils import (
@@ -43,6 +48,7 @@ from lightning_modules.wandb_panels import group_runs_by_sweep
 log = logging.getLogger("medrobust.train")
 THREAT_KEYS = {"norm", "eps", "train_steps"}
 register_resolvers()
+resume.register_resolvers()  # ${run_dir:...} of conf/hydra/train.yaml, before @hydra.main
 
 
 def _is_int(v: Any) -> bool:
@@ -143,7 +149,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_dict(cfg, "callbacks")
     loggers = instantiate_dict(cfg, "logger")
-    trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    # checkpoints written atomically (temporary file, fsync, rename), unless plugins are set
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [resume.AtomicCheckpointIO()]}
+    trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False,
+                               **plugins)
     if getattr(trainer, "_inference_mode", False):
         raise ConfigError("trainer.inference_mode must be false: adversarial validation and "
                           "test need gradients")
@@ -186,23 +195,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test; returns the metrics dict that is also written to ``metrics.json``."""
     start = time.perf_counter()
     check_values(cfg)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    ckpt_path, in_place = resume_target(cfg, out_dir)
+    meta = checkpoint_meta(ckpt_path)
+    seed, seed_source = cfg.get("seed"), "config"
+    if seed is None and meta.get("seed") is not None:
+        seed, seed_source = meta["seed"], "checkpoint"  # a resumed seed=null run keeps its seed
+    elif seed is None:  # Lightning draws one, or takes rank 0's from PL_GLOBAL_SEED (DDP)
+        seed_source = "PL_GLOBAL_SEED" if os.environ.get("PL_GLOBAL_SEED") else "drawn"
+    seed = L.seed_everything(seed, workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = build(cfg)
     trainer: L.Trainer = parts["trainer"]
     module, datamodule = parts["module"], parts["datamodule"]
+    if ckpt_path:  # before anything in the run folder changes
+        check_resume(ckpt_path, module.run_config)
+    state_cb = next((c for c in trainer.callbacks if isinstance(c, resume.ResumeState)), None)
+    if state_cb is not None:
+        state_cb.seed = seed
+    # a run resumed in its own folder keeps what it wrote: this job's config and seeds go to
+    # resumes/<time>/ (with Hydra's .hydra/ files), the CSV log keeps its rows
+    extra_dir = resume_folder(out_dir) if in_place else out_dir
+    seeds = seeds_used(cfg, seed, seed_source)
     if trainer.is_global_zero:
-        (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        extra_dir.mkdir(parents=True, exist_ok=True)
+        (extra_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_json(extra_dir / "seeds.json", seeds)
+        if in_place and (out_dir / "metrics.json").is_file():
+            (out_dir / "metrics.json").replace(extra_dir / "metrics_before_resume.json")
+    kept_rows = resume.read_csv_rows(parts["loggers"], meta.get("global_step", 0)) \
+        if in_place and trainer.is_global_zero else {}
     for lg in parts["loggers"]:
         lg.log_hyperparams(module.run_config)
+    resume.restore_csv_rows(parts["loggers"], kept_rows)
 
-    ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
-        check_resume(ckpt_path, module.run_config)
+        log.info("resuming %s (epoch %s, step %s) in %s%s", ckpt_path, meta.get("epoch"),
+                 meta.get("global_step"), out_dir, "" if in_place else " (a new run folder)")
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with stop_on_sigterm(trainer, out_dir, state_cb):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     checkpoints = checkpoint_paths(trainer)  # before testing: test restores callback states
@@ -214,7 +246,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test", True):
         if not chosen["checkpoint"]:
             log.warning("no checkpoint (checkpointing off?): testing the current weights")
-        trainer.test(module, datamodule=datamodule, ckpt_path=chosen["checkpoint"] or None)
+        with stop_on_sigterm(trainer, out_dir, state_cb):
+            trainer.test(module, datamodule=datamodule, ckpt_path=chosen["checkpoint"] or None)
         test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith("test/")}
 
@@ -225,6 +258,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "threat": {"norm": module.val_attack.norm, "eps": module.val_attack.eps,
                    "eps_str": format_eps(module.val_attack.eps)},
         "seed": cfg.get("seed"),
+        "seeds": seeds,
+        "resumes": list(state_cb.history) if state_cb is not None else [],
         "test": test_metrics,
         "val": {k: v for k, v in fit_metrics.items() if k.startswith("val/")},
         "chance": {module.score_key: chance_level(module.task_name, module.hparams.num_classes)},
@@ -241,6 +276,106 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("print_summary", True):
             print(summary_table(result, parts["loggers"], out_dir), flush=True)
     return result
+
+
+def resume_target(cfg: DictConfig, out_dir: Path) -> tuple[str | None, bool]:
+    """The checkpoint file that ``ckpt_path`` names (``last``, a run folder or a file), and
+    whether the run continues in that checkpoint's own run folder (``out_dir`` is it: Hydra
+    put the job there, conf/hydra/train.yaml)."""
+    raw = cfg.get("ckpt_path")
+    if raw is None or str(raw) == "":
+        return None, False
+    runs = Path(cfg.paths.log_dir) / str(cfg.get("task_name")) / "runs"
+    path, run = resume.find_checkpoint(raw, runs)
+    if path is None:
+        if str(raw) == "last":
+            raise ConfigError(f"ckpt_path=last: no run folder under {runs} has "
+                              f"checkpoints/{resume.LAST}")
+        raise ConfigError(f"ckpt_path={raw!r} is a folder without checkpoints/{resume.LAST}")
+    in_place = run is not None and run.resolve() == out_dir.resolve()
+    return str(path), in_place
+
+
+def checkpoint_meta(ckpt_path: str | None) -> dict[str, Any]:
+    """``epoch``, ``global_step`` and the stored seed of a checkpoint; ``{}`` when it cannot be
+    read as weights only (:func:`check_resume` then says why, in one line)."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return {}
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - check_resume reports it
+        return {}
+    if not isinstance(ckpt, dict):
+        return {}
+    state = ckpt.get(resume.CKPT_KEY) or {}
+    return {"epoch": ckpt.get("epoch"), "global_step": int(ckpt.get("global_step") or 0),
+            "seed": state.get("seed")}
+
+
+def resume_folder(out_dir: Path) -> Path:
+    """``<run>/resumes/<time>``: where a resumed job writes its config and seeds (the folder
+    of Hydra's ``.hydra/`` files of this job when Hydra runs it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        sub = Path(str(HydraConfig.get().output_subdir or ""))
+        if sub.parts[:1] == ("resumes",):
+            return out_dir / sub.parent
+    return out_dir / "resumes" / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def seeds_used(cfg: DictConfig, seed: int, source: str) -> dict[str, Any]:
+    """The seeds of this run, for ``seeds.json`` and ``metrics.json``: the run seed (from the
+    config, the checkpoint resumed, or drawn when ``seed=null``), every other ``seed`` /
+    ``*_seed`` key of the config, and how the rest derive from the run seed."""
+    components: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                key = f"{prefix}.{k}" if prefix else str(k)
+                if (k == "seed" or str(k).endswith("_seed")) and key != "seed" and \
+                        (v is None or isinstance(v, int)):
+                    components[key] = v
+                else:
+                    walk(v, key)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return {
+        "seed": int(seed),
+        "seed_source": source,
+        "seed_config": cfg.get("seed"),
+        "deterministic": cfg.trainer.get("deterministic", False),
+        "components": components,
+        "derived": {
+            "torch, numpy, python random": "seed (lightning.seed_everything, workers=True)",
+            "dataloader workers": "torch base seed drawn per epoch + worker id (Lightning's "
+                                  "pl_worker_init_function, datamodules.augment.seed_worker)",
+            "augmentation (albumentations)": "torch.initial_seed() + DDP rank "
+                                             "(datamodules.augment.build_augmentation)",
+        },
+        "torch_initial_seed": int(torch.initial_seed()),
+    }
+
+
+@contextmanager
+def stop_on_sigterm(trainer: L.Trainer, out_dir: Path, state_cb: Any) -> Iterator[None]:
+    """Lightning ends ``fit``/``test`` with ``SIGTERMException`` (a ``SystemExit`` of code 0)
+    after the batch that SIGTERM interrupted; :class:`ResumeState` has written ``last.ckpt``.
+    This turns it into :class:`resume.TrainingInterrupted` with one line that says so."""
+    try:
+        yield
+    except SIGTERMException:
+        stage = "testing" if trainer.state.fn == "test" else "training"
+        saved = getattr(state_cb, "sigterm_ckpt", None)
+        where = (f"saved {saved}; resume with: python train.py ckpt_path={out_dir}"
+                 if stage == "training" and saved and Path(saved).is_file()
+                 else "no checkpoint written (no resume callback)" if stage == "training"
+                 else f"training had finished; test again with: python train.py "
+                      f"ckpt_path={out_dir}")
+        raise resume.TrainingInterrupted(
+            f"stopped by SIGTERM while {stage} (epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}); {where}") from None
 
 
 def checkpoint_paths(trainer: L.Trainer) -> dict[str, str]:
@@ -364,6 +499,10 @@ def main(cfg: DictConfig) -> float | None:
         else:
             with exit_on_config_error(log):
                 metrics = train(cfg)
+    except resume.TrainingInterrupted as err:  # SIGTERM: last.ckpt written, exit 143
+        log.error("%s", err)
+        print(f"medrobust: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(resume.SIGTERM_EXIT_CODE) from None
     finally:
         _finish_wandb()
     key = cfg.get("optimized_metric")
