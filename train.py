@@ -364,7 +364,8 @@ def stop_on_sigterm(trainer: L.Trainer, out_dir: Path, state_cb: Any) -> Iterato
     after the batch that SIGTERM interrupted; :class:`ResumeState` has written ``last.ckpt``.
     This turns it into :class:`resume.TrainingInterrupted` with one line that says so."""
     try:
-        yield
+        with resume.lightning_handles_sigterm():
+            yield
     except SIGTERMException:
         stage = "testing" if trainer.state.fn == "test" else "training"
         saved = getattr(state_cb, "sigterm_ckpt", None)
@@ -491,14 +492,15 @@ def _train_one_job(cfg: DictConfig) -> dict[str, Any] | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        if _in_multirun():
-            group_runs_by_sweep(cfg)  # wandb: the runs of a sweep form one group
-            metrics = _train_one_job(cfg)
-            if metrics is None:
-                return None
-        else:
-            with exit_on_config_error(log):
-                metrics = train(cfg)
+        with resume.sigterm_interrupts():
+            if _in_multirun():
+                group_runs_by_sweep(cfg)  # wandb: the runs of a sweep form one group
+                metrics = _train_one_job(cfg)
+                if metrics is None:
+                    return None
+            else:
+                with exit_on_config_error(log):
+                    metrics = train(cfg)
     except resume.TrainingInterrupted as err:  # SIGTERM: last.ckpt written, exit 143
         log.error("%s", err)
         print(f"medrobust: error: {err}", file=sys.stderr, flush=True)

@@ -24,7 +24,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,36 @@ SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, as a shell reports a process ended by 
 class TrainingInterrupted(BaseException):
     """The run was stopped by a signal (a checkpoint to resume from was written). A
     ``BaseException``, so that a sweep does not take it for one job's error and go on."""
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise TrainingInterrupted("stopped by SIGTERM outside training and testing (nothing to "
+                              "save; the checkpoints written so far are kept)")
+
+
+def _swap_sigterm(handler: Any) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """For ``main``: SIGTERM while the run is being built or between fit and test raises
+    :class:`TrainingInterrupted` (one line, exit 143) instead of ending the process silently."""
+    yield from _swap_sigterm(_raise_interrupted)
+
+
+@contextmanager
+def lightning_handles_sigterm() -> Iterator[None]:
+    """Around ``fit``/``test``: Lightning's own handler alone (it would also call an installed
+    one, whose exception would stop the run in the middle of a batch)."""
+    yield from _swap_sigterm(signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------- where to resume from
@@ -196,7 +230,7 @@ class ResumeState(Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         if self._pending is not None:  # saved before the restored states were applied
-            rng = self._pending["rng"]
+            rng = self._pending.get("rng")
         else:
             mine = collect_rng_states(_train_transform(trainer))
             rng = _gather(trainer, mine)

@@ -33,6 +33,16 @@ def _child(args: list[str], kill_at: tuple[int, int] | None) -> None:
     torch.set_num_threads(1)
     if kill_at is not None:  # this process sends itself a signal after batch `step`
         step, signum = kill_at
+        if step < 0:  # ... or while the run is being built (train.py imports it by name)
+            from lightning_modules import utils
+
+            instantiate_dict = utils.instantiate_dict
+
+            def signal_then_instantiate(*args):
+                os.kill(os.getpid(), signum)
+                return instantiate_dict(*args)
+
+            utils.instantiate_dict = signal_then_instantiate
 
         def on_train_batch_end(self, trainer, *_):
             if trainer.global_step == step:
@@ -124,6 +134,17 @@ def test_sigterm_saves_last_checkpoint_and_exits_143(tmp_path, capfd):
     assert _wait(_start([*RUN, f"paths.log_dir={log_dir}", "ckpt_path=last"])) == 0
     assert _run_folder(log_dir) == run
     assert _final(run)["ckpt"]["global_step"] == 6
+
+
+def test_sigterm_before_training_is_one_line(tmp_path, capfd):
+    """SIGTERM while the run is being built (before Lightning's handler): one line, exit 143."""
+    code = _wait(_start([*RUN, f"paths.log_dir={tmp_path}"], kill_at=(-1, signal.SIGTERM)))
+    err = capfd.readouterr().err
+    assert code == resume.SIGTERM_EXIT_CODE, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("medrobust: error:")]
+    assert lines == ["medrobust: error: stopped by SIGTERM outside training and testing "
+                     "(nothing to save; the checkpoints written so far are kept)"]
+    assert "Traceback" not in err
 
 
 def test_seeds_are_recorded(train_cfg, monkeypatch):
