@@ -368,7 +368,7 @@ def stop_on_sigterm(trainer: L.Trainer, out_dir: Path, state_cb: Any) -> Iterato
             yield
     except SIGTERMException:
         stage = "testing" if trainer.state.fn == "test" else "training"
-        saved = getattr(state_cb, "sigterm_ckpt", None)
+        saved = getattr(state_cb, "last_ckpt", None)
         where = (f"saved {saved}; resume with: python train.py ckpt_path={out_dir}"
                  if stage == "training" and saved and Path(saved).is_file()
                  else "no checkpoint written (no resume callback)" if stage == "training"

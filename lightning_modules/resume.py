@@ -209,8 +209,12 @@ class ResumeState(Callback):
     on SIGTERM.
 
     Args:
-        sigterm_ckpt: the file written when SIGTERM stops ``fit`` (``<run>/checkpoints/last.ckpt``
+        last_ckpt: the file written when SIGTERM stops ``fit`` (``<run>/checkpoints/last.ckpt``
             in ``conf/callbacks/default.yaml``); ``None``: none.
+        every_n_train_steps: also write ``last_ckpt`` after every N training steps (a killed
+            run then loses at most N steps; resuming mid-epoch is seeded but not bitwise-equal
+            to an uninterrupted run). ``None``: only at epoch ends (the ``last`` checkpoint
+            callback) and on SIGTERM.
         seed: the run's seed, stored so a resumed ``seed=null`` run keeps its drawn seed
             (``train.py`` sets it to the seed it used).
 
@@ -220,8 +224,14 @@ class ResumeState(Callback):
     are gathered and each rank gets its own back.
     """
 
-    def __init__(self, sigterm_ckpt: str | None = None, seed: int | None = None) -> None:
-        self.sigterm_ckpt = sigterm_ckpt
+    def __init__(self, last_ckpt: str | None = None, every_n_train_steps: int | None = None,
+                 seed: int | None = None) -> None:
+        if every_n_train_steps is not None and (not isinstance(every_n_train_steps, int)
+                                                or every_n_train_steps < 1):
+            raise ValueError(f"callbacks.resume.every_n_train_steps={every_n_train_steps!r} "
+                             "must be an integer >= 1 or null")
+        self.last_ckpt = last_ckpt
+        self.every_n_train_steps = every_n_train_steps
         self.seed = seed
         self.history: list[dict[str, Any]] = []  # one entry per resume, oldest first
         self._pending: dict[str, Any] | None = None  # restored states not yet applied
@@ -296,15 +306,22 @@ class ResumeState(Callback):
                             "epoch's shuffle may differ from the uninterrupted run's")
         self._pending = None
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any
+                           ) -> None:
+        n = self.every_n_train_steps
+        if n and self.last_ckpt and trainer.global_step % n == 0 and \
+                not trainer.received_sigterm:  # on SIGTERM: on_exception writes it
+            trainer.save_checkpoint(self.last_ckpt)
+
     # --------------------------------------------------------------------------- SIGTERM
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or not self.sigterm_ckpt:
+        if not isinstance(exception, SIGTERMException) or not self.last_ckpt:
             return
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return  # testing after fit: last.ckpt already holds the finished training
-        trainer.save_checkpoint(self.sigterm_ckpt)
-        log.info("SIGTERM: saved %s (epoch %d, step %d)", self.sigterm_ckpt,
+        trainer.save_checkpoint(self.last_ckpt)
+        log.info("SIGTERM: saved %s (epoch %d, step %d)", self.last_ckpt,
                  trainer.current_epoch, trainer.global_step)
 
 

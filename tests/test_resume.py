@@ -44,7 +44,10 @@ def _child(args: list[str], kill_at: tuple[int, int] | None) -> None:
 
             utils.instantiate_dict = signal_then_instantiate
 
-        def on_train_batch_end(self, trainer, *_):
+        own = resume.ResumeState.on_train_batch_end
+
+        def on_train_batch_end(self, trainer, *args):
+            own(self, trainer, *args)
             if trainer.global_step == step:
                 os.kill(os.getpid(), signum)
 
@@ -134,6 +137,18 @@ def test_sigterm_saves_last_checkpoint_and_exits_143(tmp_path, capfd):
     assert _wait(_start([*RUN, f"paths.log_dir={log_dir}", "ckpt_path=last"])) == 0
     assert _run_folder(log_dir) == run
     assert _final(run)["ckpt"]["global_step"] == 6
+
+
+def test_last_checkpoint_every_n_steps(tmp_path):
+    """callbacks.resume.every_n_train_steps=1: a run SIGKILLed mid-epoch loses no step."""
+    log_dir = tmp_path / "logs"
+    code = _wait(_start([*RUN, f"paths.log_dir={log_dir}", "callbacks.resume.every_n_train_steps=1"],
+                        kill_at=(3, signal.SIGKILL)))
+    assert code == -signal.SIGKILL
+    ckpt = torch.load(_run_folder(log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and resume.CKPT_KEY in ckpt
+    with pytest.raises(ValueError, match="every_n_train_steps=0"):
+        resume.ResumeState(every_n_train_steps=0)
 
 
 def test_sigterm_before_training_is_one_line(tmp_path, capfd):
