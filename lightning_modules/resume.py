@@ -8,7 +8,7 @@ Lightning's own checkpoint does not hold.
   folder (and keeps that run's ``.hydra/`` files).
 - :class:`ResumeState`: a callback that stores in every checkpoint the RNG states (torch,
   CUDA, numpy, python ``random``, the training transform's albumentations generators), the
-  module's best validation score (``val/adv_score_best``) and ineligible epochs, the seed and
+  module's best validation scores (``val/adv_score_best``, ``val/sel_robust_best``) and ineligible epochs, the seed and
   the resume history, and restores them on resume. On SIGTERM during ``fit`` it writes
   ``last.ckpt`` before Lightning stops the run.
 - :class:`AtomicCheckpointIO`: checkpoints written to a temporary file in the same folder,
@@ -49,6 +49,11 @@ log = logging.getLogger("medrobust.resume")
 CKPT_KEY = "medrobust_resume"  # the key of this module's state in a checkpoint
 LAST = "last.ckpt"
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, as a shell reports a process ended by SIGTERM
+
+
+# the module's running-best metrics (torchmetrics states are not in its state_dict):
+# val/adv_score_best and val/sel_robust_best
+RUNNING_BEST = ("val_score_best", "sel_robust_best")
 
 
 class TrainingInterrupted(BaseException):
@@ -245,11 +250,12 @@ class ResumeState(Callback):
             mine = collect_rng_states(_train_transform(trainer))
             rng = _gather(trainer, mine)
         state: dict[str, Any] = {"rng": rng, "seed": self.seed, "history": list(self.history)}
-        best = getattr(pl_module, "val_score_best", None)
-        if best is not None:
-            state["val_score_best"] = {"states": {k: v.detach().cpu() for k, v in
-                                                  best.metric_state.items()},
-                                       "update_count": int(best._update_count)}
+        for name in RUNNING_BEST:
+            best = getattr(pl_module, name, None)
+            if best is not None:
+                state[name] = {"states": {k: v.detach().cpu() for k, v in
+                                          best.metric_state.items()},
+                               "update_count": int(best._update_count)}
         ineligible = getattr(pl_module, "ineligible_epochs", None)
         if ineligible is not None:
             state["ineligible_epochs"] = {int(k): str(v) for k, v in ineligible.items()}
@@ -271,12 +277,13 @@ class ResumeState(Callback):
 
     def _apply_module_state(self, pl_module: L.LightningModule) -> None:
         state = self._pending or {}
-        best = getattr(pl_module, "val_score_best", None)
-        if best is not None and "val_score_best" in state:
-            for name, value in state["val_score_best"]["states"].items():
-                setattr(best, name, value.to(pl_module.device))
-            best._update_count = state["val_score_best"]["update_count"]
-            best._computed = None
+        for name in RUNNING_BEST:
+            best = getattr(pl_module, name, None)
+            if best is not None and name in state:
+                for key, value in state[name]["states"].items():
+                    setattr(best, key, value.to(pl_module.device))
+                best._update_count = state[name]["update_count"]
+                best._computed = None
         ineligible = getattr(pl_module, "ineligible_epochs", None)
         if ineligible is not None and "ineligible_epochs" in state:
             ineligible.update(state["ineligible_epochs"])

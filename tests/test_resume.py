@@ -107,7 +107,7 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
     assert a["ckpt"]["lr_schedulers"] == b["ckpt"]["lr_schedulers"]
     ma, mb = a["metrics"], b["metrics"]
     assert ma["test"] == mb["test"] and ma["val"] == mb["val"]
-    assert "val/adv_score_best" in mb["val"]
+    assert "val/adv_score_best" in mb["val"] and "val/sel_robust_best" in mb["val"]
     assert ma["selection"]["epoch"] == mb["selection"]["epoch"]
     assert {k: Path(v).name for k, v in ma["checkpoints"].items()} == \
         {k: Path(v).name for k, v in mb["checkpoints"].items()}
