@@ -6,7 +6,8 @@ collapse within one epoch: PGD accuracy falls to about zero while FGSM accuracy 
 training epoch this callback measures PGD and FGSM accuracy on a fixed validation batch; when
 PGD accuracy drops by ``min_drop`` or more below its best so far, it warns and, by ``action``,
 stops training (``stop``) or restores the last good weights and stops (``restore``); ``warn``
-only warns. The attacks have no random start, so every DDP rank reaches the same verdict.
+only warns. The attacks have no random start, and the accuracies are averaged over DDP ranks, so every
+rank reaches the same verdict (a rank stopping alone would leave the others waiting).
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class CatastrophicOverfittingMonitor(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pgd_acc, fgsm_acc = self.measure(pl_module)
+        if trainer.world_size > 1:  # one verdict on every rank, even if GPU kernels differ
+            accs = trainer.strategy.reduce(torch.tensor([pgd_acc, fgsm_acc],
+                                                        device=pl_module.device), reduce_op="mean")
+            pgd_acc, fgsm_acc = (float(a) for a in accs)
         pl_module.log("co/pgd_acc", pgd_acc)
         pl_module.log("co/fgsm_acc", fgsm_acc)
         if not getattr(pl_module.defense, "attacks", None):
