@@ -147,6 +147,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         class_weights=resolve_class_weights(cfg.module.get("class_weights"), datamodule),
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    try:  # a typo in module.optimizer or module.scheduler: one line now, not deep in fit
+        module.configure_optimizers()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"module.optimizer / module.scheduler: {type(err).__name__}: "
+                          f"{err}") from err
     callbacks = instantiate_dict(cfg, "callbacks")
     loggers = instantiate_dict(cfg, "logger")
     # checkpoints written atomically (temporary file, fsync, rename), unless plugins are set
@@ -208,6 +213,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     parts = build(cfg)
     trainer: L.Trainer = parts["trainer"]
     module, datamodule = parts["module"], parts["datamodule"]
+    if cfg.trainer.get("sync_batchnorm") and \
+            not isinstance(trainer.accelerator, L.pytorch.accelerators.CUDAAccelerator):
+        raise ConfigError("trainer.sync_batchnorm=true needs CUDA devices (torch's "
+                          "SyncBatchNorm runs on GPUs only); set it to false here")
     if ckpt_path:  # before anything in the run folder changes
         check_resume(ckpt_path, module.run_config)
     state_cb = next((c for c in trainer.callbacks if isinstance(c, resume.ResumeState)), None)

@@ -447,6 +447,9 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     ("seed=abc", r"seed='abc' must be an integer or null"),
     ("backbone.width=0", r"backbone.width=0 must be an integer >= 1"),
     ("trainer.max_epochs=0", r"trainer.max_epochs=0 must be"),
+    ("+module.optimizer.lrr=0.1", r"module.optimizer.*unexpected keyword argument 'lrr'"),
+    ("+module.scheduler.T_maxx=3", r"module.scheduler.*unexpected keyword argument 'T_maxx'"),
+    ("trainer.sync_batchnorm=true", r"trainer.sync_batchnorm=true needs CUDA"),
 ])
 def test_bad_input_stops_at_startup(train_cfg, override, match):
     extra = ["backbone.name=resnet_does_not_exist"] if override == "backbone=timm" else []
