@@ -61,6 +61,12 @@ def test_ddp_multinode_under_slurm_takes_ranks_from_slurm(monkeypatch, tmp_path)
              "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "77"}
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
+    # SLURMEnvironment writes MASTER_ADDR/PORT into os.environ: they must be restored, or a
+    # later DDP run in a subprocess of this pytest process looks for its master at "gpu01"
+    # and hangs (setenv first, so that monkeypatch also undoes a key that was absent)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+        monkeypatch.delenv(key)
     # the trainer sets the process-wide rank (5 here): put it back after the test
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
     from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
