@@ -124,12 +124,14 @@ def register_resolvers() -> None:
 
 @contextmanager
 def exit_on_config_error(log: logging.Logger) -> Iterator[None]:
-    """For entry points: a :class:`ConfigError` becomes one line on stderr and exit code 2."""
+    """For entry points: a :class:`ConfigError` becomes one line on stderr and exit code 2
+    (messages of several lines, as OmegaConf's with their ``full_key:`` detail, are joined)."""
     try:
         yield
     except ConfigError as err:
-        log.error("%s", err)
-        print(f"medrobust: error: {err}", file=sys.stderr, flush=True)
+        line = "; ".join(part.strip() for part in str(err).splitlines() if part.strip())
+        log.error("%s", line)
+        print(f"medrobust: error: {line}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 

@@ -451,10 +451,23 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     ("+module.scheduler.T_maxx=3", r"module.scheduler.*unexpected keyword argument 'T_maxx'"),
     ("trainer.sync_batchnorm=true", r"trainer.sync_batchnorm=true needs CUDA"),
 ])
-def test_bad_input_stops_at_startup(train_cfg, override, match):
+def test_bad_input_stops_at_startup(train_cfg, override, match, capsys):
+    """As train.py's main runs it: exactly one ``medrobust: error:`` line on stderr, exit code
+    2, no traceback, nothing trained."""
+    import logging
+    import re
+
+    from lightning_modules.utils import exit_on_config_error
+
     extra = ["backbone.name=resnet_does_not_exist"] if override == "backbone=timm" else []
-    with pytest.raises(ConfigError, match=match or "resnet_does_not_exist"):
-        train(train_cfg(override, *extra))
+    cfg = train_cfg(override, *extra)
+    with pytest.raises(SystemExit) as stop, exit_on_config_error(logging.getLogger("t")):
+        train(cfg)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medrobust: error: "), err
+    assert re.search(match or "resnet_does_not_exist", err[0]), err[0]
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
 
 
 def test_unknown_checkpoint_path(train_cfg, tmp_path):
