@@ -721,9 +721,11 @@ def comparison_analyses(rows: list[dict], reports: list[dict], out_dir: Path) ->
         fig.tight_layout()
         fig.savefig(out_dir / "comparison_features.png", dpi=100)
         plt.close(fig)
-        lines += ["## Analyses", "", "| checkpoint | features | silhouette | probe acc |",
-                  "|---|---|---|---|"]
-        lines += [f"| {n} | {k} | {_fmt(d['silhouette'])} | {_fmt(d['probe_acc'])} |"
+        lines += ["## Analyses", "",
+                  "| checkpoint | features | silhouette | probe acc | probe bal. acc |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {n} | {k} | {_fmt(d['silhouette'])} | {_fmt(d['probe_acc'])} | "
+                  f"{_fmt(d.get('probe_bal_acc'))} |"
                   for n, a in ana for k, d in (a.get("discriminability") or {}).items()]
         lines += ["", "![feature distance](comparison_features.png)", ""]
     cor = [(n, r["corruptions"]) for n, r in zip(names, reports, strict=True)
@@ -890,9 +892,11 @@ def summary_markdown(report: dict[str, Any]) -> str:
                       for a, d in ana["feature_distance"].items()]
         if ana.get("discriminability"):
             lines += ["", "Penultimate features: silhouette of the classes and a linear "
-                      "probe's cross-validated accuracy:", "",
-                      "| features | silhouette | probe acc |", "|---|---|---|"]
-            lines += [f"| {k} | {_fmt(d['silhouette'])} | {_fmt(d['probe_acc'])} |"
+                      "probe's cross-validated accuracy and balanced accuracy:", "",
+                      "| features | silhouette | probe acc | probe bal. acc |",
+                      "|---|---|---|---|"]
+            lines += [f"| {k} | {_fmt(d['silhouette'])} | {_fmt(d['probe_acc'])} | "
+                      f"{_fmt(d.get('probe_bal_acc'))} |"
                       for k, d in ana["discriminability"].items()]
         if "label_correlation" in ana:
             lines += ["", "Frobenius distance of the finding correlation to the ground truth's: "

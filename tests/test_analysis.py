@@ -58,10 +58,15 @@ def test_discriminability_identical_inputs_identical_numbers_and_separable_beats
     separable = rng.normal(size=(60, 8)) + 5 * np.eye(3, 8)[y]
     a, b = discriminability(separable, y, seed=0), discriminability(separable.copy(), y, seed=0)
     assert a == b and a["probe_acc"] > 0.9 and a["silhouette"] > 0.3
+    assert a["probe_bal_acc"] > 0.9
     mixed = discriminability(rng.normal(size=(60, 8)), y, seed=0)
     assert mixed["probe_acc"] < a["probe_acc"] and mixed["silhouette"] < a["silhouette"]
-    assert discriminability(separable, np.zeros(60), seed=0) == {"silhouette": None,
-                                                                 "probe_acc": None}
+    assert discriminability(separable, np.zeros(60), seed=0) == {
+        "silhouette": None, "probe_acc": None, "probe_bal_acc": None}
+    # imbalanced, features carry nothing: accuracy near the majority share, balanced near 1/2
+    y_imb = np.r_[np.zeros(90, int), np.ones(10, int)]
+    noise = discriminability(rng.normal(size=(100, 4)), y_imb, seed=0)
+    assert noise["probe_acc"] >= 0.8 and noise["probe_bal_acc"] < 0.65
     emb = tsne_2d(separable, seed=0)
     assert emb.shape == (60, 2) and np.allclose(emb, tsne_2d(separable, seed=0))
 

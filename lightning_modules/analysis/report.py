@@ -119,8 +119,8 @@ def _plot_tsne(plt, result: dict, feats: dict, y_pick: torch.Tensor, task: Task,
                        label=names[g] if g < len(names) else "no finding")
         d = result["discriminability"][n]
         sil = "-" if d["silhouette"] is None else f"{d['silhouette']:.3f}"
-        probe = "-" if d["probe_acc"] is None else f"{d['probe_acc']:.3f}"
-        ax.set_title(f"{n}: silhouette {sil}, probe {probe}", fontsize=9)
+        probe = "-" if d.get("probe_bal_acc") is None else f"{d['probe_bal_acc']:.3f}"
+        ax.set_title(f"{n}: silhouette {sil}, probe bal. acc {probe}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0][0].legend(fontsize=6, markerscale=2)
