@@ -13,9 +13,10 @@ def discriminability(features: np.ndarray, labels: np.ndarray, seed: int = 0,
                      folds: int = 5) -> dict[str, float | None]:
     """``silhouette`` (in [-1, 1], Euclidean, of the class labels), ``probe_acc`` and
     ``probe_bal_acc`` (mean ``folds``-fold stratified cross-validated accuracy and balanced
-    accuracy of a standardised logistic regression; on imbalanced data such as HAM10000 the
-    plain accuracy sits near the majority share, the balanced one near 1 / classes when the
-    features carry nothing). ``None`` where the data cannot support it (one class, or a class
+    accuracy of a standardised logistic regression with class-balanced weights, so that on
+    imbalanced data such as HAM10000 the probe asks whether the classes separate, not how
+    common the majority class is; balanced accuracy is near 1 / classes when the features
+    carry nothing). ``None`` where the data cannot support it (one class, or a class
     with fewer samples than folds)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import silhouette_score
@@ -32,7 +33,8 @@ def discriminability(features: np.ndarray, labels: np.ndarray, seed: int = 0,
     k = min(folds, int(counts.min()))
     probe = bal = None
     if k >= 2:
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000,
+                                                                 class_weight="balanced"))
         cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
         scores = cross_validate(clf, feats, y, cv=cv, scoring=("accuracy", "balanced_accuracy"))
         probe = float(scores["test_accuracy"].mean())
