@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.attacks import FGSM, NFGSM, PGD
-from lightning_modules.backbones import small_cnn, timm_model
 from lightning_modules.defenses import (
     TRADES,
     AdversarialTraining,
@@ -37,6 +36,7 @@ from lightning_modules.defenses import (
     MPAdvT,
     NoDefense,
 )
+from lightning_modules.models.backbones import small_cnn, timm_model
 
 
 def timed(fn: Callable[[], None]) -> Callable[[], float]:
@@ -145,7 +145,7 @@ def lightning_way(net, defense, x, y, channels_last=False) -> Callable[[], float
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_modules.classifier import RobustClassifier
+    from lightning_modules.training.module import RobustClassifier
 
     class Timer(L.Callback):
         def on_train_batch_start(self, *args):

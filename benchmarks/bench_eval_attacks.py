@@ -24,12 +24,12 @@ import time
 import torch
 
 from lightning_modules.attacks import PGD, AutoAttack
-from lightning_modules.robust_eval import RobustEvaluator
+from lightning_modules.evaluation.engine import RobustEvaluator
 
 
 def _trained_small_cnn(n: int):
     from datamodules.synthetic import make_synthetic
-    from lightning_modules.backbones import small_cnn
+    from lightning_modules.models.backbones import small_cnn
 
     torch.manual_seed(0)
     x, y = make_synthetic(1024, 4, image_size=32, signal_amplitude=0.04, colour_amplitude=0.17,
@@ -48,12 +48,20 @@ def _trained_small_cnn(n: int):
 
 
 def _from_checkpoint(path: str, n: int):
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from evaluate import build_from_checkpoint, load_checkpoint
+    from datamodules import complete_stored_config
+    from lightning_modules.evaluation.checkpoint import (
+        build_network,
+        load_checkpoint,
+        stored_config,
+    )
 
     ckpt = load_checkpoint(path)
-    _, datamodule, net = build_from_checkpoint(ckpt, OmegaConf.create({"eval_batch_size": n}))
+    train_cfg = stored_config(ckpt, OmegaConf.create({"eval_batch_size": n}),
+                              complete_stored_config)
+    datamodule, net = instantiate(train_cfg.datamodule), build_network(train_cfg, ckpt)
     datamodule.setup("test")
     x, y = next(iter(datamodule.test_dataloader()))
     return net.eval(), x[:n], y[:n], f"{path} ({x.shape[-1]} px)"

@@ -31,8 +31,8 @@ import torch
 from datamodules import from_config
 from datamodules.ham10000 import HAM10000DataModule
 from lightning_modules.attacks import PGD
-from lightning_modules.backbones import small_cnn
 from lightning_modules.defenses import AdversarialTraining
+from lightning_modules.models.backbones import small_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 

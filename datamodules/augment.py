@@ -13,7 +13,7 @@ as fractions of the image side or of the intensity range):
 - ``none``: nothing.
 - ``dermoscopy_c``, ``xray_c``, ``fundus_c``, ``general_c``: the domain's preset above (none for
   fundus and general), then, with probability 0.5, one corruption of the domain's MedMNIST-C
-  set at a random severity (``datamodules.corruptions.CorruptionAugment``; MedMNIST-C,
+  set at a random severity (``lightning_modules.evaluation.corruptions.images.CorruptionAugment``; MedMNIST-C,
   Di Salvo et al. 2024, trains with its corruptions this way).
 
 Augmentation is for training images only; validation and test images are never augmented.

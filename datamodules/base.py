@@ -5,10 +5,20 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    Sampler,
+    Subset,
+    TensorDataset,
+    WeightedRandomSampler,
+)
+
+from lightning_modules.core.errors import ConfigError
 
 from .augment import seed_worker
 from .dataset import skip_none_collate
+from .splits import stratified_subset
 
 __all__ = ["SplitDataModule", "SAMPLERS", "ShardSampler", "sample_weights",
            "balanced_class_weights"]
@@ -104,6 +114,51 @@ class SplitDataModule(L.LightningDataModule):
         counts = _counts(self.targets(split), self.num_classes)
         names = list(getattr(self, "class_names", None) or range(self.num_classes))
         return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+
+    def class_weights(self, spec) -> list[float] | None:
+        """``module.class_weights``: ``None``, ``"balanced"`` (from the training labels,
+        :func:`balanced_class_weights`) or a list of weights."""
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            if spec != "balanced":
+                raise ConfigError(f"module.class_weights={spec!r} must be null, 'balanced' or "
+                                  "a list")
+            return balanced_class_weights(self.targets("train"), self.num_classes)
+        return [float(w) for w in spec]
+
+    def take_subset(self, split: str, n, seed: int) -> int | None:
+        """Keep a seeded class-stratified random ``n`` images of ``split`` (not the first
+        ``n``: files are often sorted by class). Returns the split's size before, or ``None``
+        (``n`` is ``None``: the whole split)."""
+        if n is None:
+            return None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"subset={n!r} must be a positive number of images or null")
+        self.prepare_data()
+        self.setup("test" if split == "test" else "validate")
+        ds = self.datasets[split]
+        labels = getattr(ds, "targets", None)  # what the dataset holds (after skipped images)
+        if labels is None:
+            labels = ds.tensors[1] if isinstance(ds, TensorDataset) else self.targets(split)
+        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+        keep = stratified_subset(labels, n, seed)
+        self.datasets[split] = Subset(ds, keep.tolist())
+        return len(labels)
+
+    def sample_loader(self, split: str, batch_size: int, n: int | None = None,
+                      seed: int = 0) -> DataLoader:
+        """A plain loader over ``split`` (set up), or over a seeded random ``n`` of its
+        images: for the analyses and the corruption benchmark of ``evaluate.py``."""
+        ds = self.datasets[split]
+        if n:
+            gen = torch.Generator().manual_seed(seed)
+            ds = Subset(ds, torch.randperm(len(ds), generator=gen)[:int(n)].tolist())
+        return DataLoader(ds, batch_size=batch_size, collate_fn=skip_none_collate)
+
+    def skipped_images(self) -> list[str]:
+        """Unreadable images skipped during the run (none for in-memory data)."""
+        return []
 
     def _sampler(self):
         kind = self.hparams.get("sampler")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from lightning_modules.utils import ConfigError
+from lightning_modules.core.errors import ConfigError
 
 from .decode import decode_image, unreadable_reason
 

@@ -25,7 +25,7 @@ import math
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_modules.tasks import TASKS
+from lightning_modules.core.tasks import TASKS
 
 from .base import SplitDataModule
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lightning_modules.utils import ConfigError
+from lightning_modules.core.errors import ConfigError
 
 from .augment import build_augmentation
 from .base import SplitDataModule

@@ -20,7 +20,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from evaluate import evaluate
-from lightning_modules.utils import format_eps, register_resolvers
+from lightning_modules.core.config import register_resolvers
+from lightning_modules.core.threat import format_eps
 
 ROOT = Path(__file__).resolve().parents[1]
 

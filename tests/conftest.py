@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from lightning_modules.utils import register_resolvers
+from lightning_modules.core.config import register_resolvers
 
 register_resolvers()
 
@@ -101,7 +101,7 @@ def ham_dir(tmp_path) -> Path:
 def trained_model():
     """A small CNN trained a few epochs on synthetic data (clean accuracy well above chance)."""
     from datamodules.synthetic import make_synthetic
-    from lightning_modules.backbones import small_cnn
+    from lightning_modules.models.backbones import small_cnn
 
     torch.manual_seed(0)
     x, y = make_synthetic(512, 4, image_size=16, signal_amplitude=0.15, seed=3)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.analysis import (
+from lightning_modules.attacks import PGD
+from lightning_modules.evaluation.analysis import (
     ANALYSES,
     cooccurrence,
     correlation_distance,
@@ -19,8 +20,7 @@ from lightning_modules.analysis import (
     run_analyses,
     tsne_2d,
 )
-from lightning_modules.attacks import PGD
-from lightning_modules.backbones import small_cnn, timm_model
+from lightning_modules.models.backbones import small_cnn, timm_model
 
 
 def test_feature_stages_of_the_small_cnn_and_a_timm_model():
@@ -97,7 +97,7 @@ def test_prediction_correlation_and_distance():
 
 
 def test_each_analysis_runs_on_its_own_by_name(trained_model, tmp_path):
-    from lightning_modules.tasks import Task
+    from lightning_modules.core.tasks import Task
 
     model, x, y = trained_model
     pgd = {"pgd": PGD(eps=8 / 255, steps=2, norm="linf")}

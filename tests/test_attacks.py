@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lightning_modules.attacks import FGSM, PGD, attack_mode, parse_eps
-from lightning_modules.backbones import small_cnn
-from lightning_modules.tasks import bce_per_sample, cross_entropy_per_sample
+from lightning_modules.core.tasks import bce_per_sample, cross_entropy_per_sample
+from lightning_modules.models.backbones import small_cnn
 
 EPS = 8 / 255
 
@@ -328,7 +328,7 @@ def test_margin_and_targeted_refuse_multilabel():
 def test_fooling_rate_is_the_share_of_changed_predictions(trained_model, task):
     """Every attack's report has ``fooling_rate``: the share of images whose prediction the
     attack changed (argmax; multi-label: any finding flipped at probability 0.5)."""
-    from lightning_modules.robust_eval import RobustEvaluator
+    from lightning_modules.evaluation.engine import RobustEvaluator
 
     model, x, y = trained_model
     if task == "multilabel":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.callbacks import CatastrophicOverfittingMonitor
+from lightning_modules.training.build import build
+from lightning_modules.training.callbacks import CatastrophicOverfittingMonitor
 from tests.conftest import compose_cfg
-from train import build
 
 
 def _parts(tmp_path, *overrides):

@@ -7,10 +7,11 @@ import torch
 from hydra.utils import instantiate
 
 from lightning_modules.attacks import Attack, parse_eps
+from lightning_modules.core.config import instantiate_node
+from lightning_modules.core.errors import ConfigError
 from lightning_modules.defenses import Defense
-from lightning_modules.utils import ConfigError, instantiate_node
+from lightning_modules.training.build import build, build_defense
 from tests.conftest import CONF, compose_cfg
-from train import build, build_defense
 
 GROUPS = ["datamodule", "backbone", "defense", "attack", "module", "trainer", "logger",
           "callbacks", "experiment", "debug", "paths", "hydra"]
@@ -227,7 +228,7 @@ def test_datamodule_defaults_live_in_one_place(option):
 
 def test_worst_case_groups_one_threat_model():
     from lightning_modules.attacks import FGSM, PGD
-    from lightning_modules.evaluation import grid_cells
+    from lightning_modules.evaluation.module import grid_cells
 
     cells, worst = grid_cells({"fgsm": FGSM(0), "pgd": PGD(0)}, [0, 8 / 255])
     assert set(cells) == {"fgsm@0", "pgd@0", "fgsm@8/255", "pgd@8/255"}

@@ -10,7 +10,16 @@ import torch
 from torch import nn
 
 from datamodules.augment import build_augmentation
-from datamodules.corruptions import (
+from datamodules.synthetic import make_synthetic
+from lightning_modules.evaluation.corruptions.benchmark import (
+    corruption_errors,
+    corruption_scores,
+    flip_probability,
+    flip_rate,
+    mce,
+    summarise,
+)
+from lightning_modules.evaluation.corruptions.images import (
     CORRUPTION_SETS,
     SEQUENCE_KINDS,
     CorruptionAugment,
@@ -20,15 +29,6 @@ from datamodules.corruptions import (
     sequence_frames,
     set_for_datamodule,
     to_uint8,
-)
-from datamodules.synthetic import make_synthetic
-from lightning_modules.analysis.corruption import (
-    corruption_errors,
-    corruption_scores,
-    flip_probability,
-    flip_rate,
-    mce,
-    summarise,
 )
 
 CELLS = [(s, c) for s in CORRUPTION_SETS for c in CORRUPTION_SETS[s]]
@@ -191,22 +191,35 @@ def test_corruption_augmentation_preset_is_seeded(images):
 
 
 def test_baseline_report_must_match_the_images_and_corruptions(tmp_path):
-    import json
+    from lightning_modules.core.errors import ConfigError
+    from lightning_modules.core.io import write_json
+    from lightning_modules.evaluation.corruptions.benchmark import corruption_baseline
+    from lightning_modules.evaluation.schema import EvalReport
 
-    from evaluate import corruption_baseline
-    from lightning_modules.utils import ConfigError
+    def report(corruptions):  # a schema-valid report.json holding this corruption block
+        rep = EvalReport(
+            checkpoint="x.ckpt", epoch=0, dataset=None, backbone=None, defense=None,
+            train_threat={}, task="multiclass", num_classes=2, class_names=None,
+            score_metric="bal_acc", chance={}, split="test", n_images=10, subset=None,
+            threat_model={}, evaluation=None, precision="32", devices=1, clean={},
+            attacks={}, skipped_attacks={}, cascade=False, cost={}, gap=None,
+            worst_case=None, results=[], corruptions=corruptions)
+        write_json(tmp_path / "report.json", rep.as_dict())
 
     mine = {"set": "xray", "severities": [1, 2], "seed": 0, "n_images": 10}
     never = lambda model: pytest.fail("a report baseline is read, not measured")  # noqa: E731
-    (tmp_path / "report.json").write_text(json.dumps({"corruptions": {**mine, "seed": 1}}))
+    args = ("multiclass", 2, never, "cpu")
+    report({**mine, "seed": 1})
     with pytest.raises(ConfigError, match="seed=1.*not the same images"):
-        corruption_baseline(str(tmp_path), mine, never, "multiclass", 2, "cpu")
-    (tmp_path / "report.json").write_text(json.dumps({"clean": {}}))
+        corruption_baseline(str(tmp_path), mine, never, *args)
+    report(None)
     with pytest.raises(ConfigError, match="no corruption results"):
-        corruption_baseline(str(tmp_path / "report.json"), mine, never, "multiclass", 2, "cpu")
+        corruption_baseline(str(tmp_path / "report.json"), mine, never, *args)
+    (tmp_path / "other.json").write_text('{"clean": {}}')  # not a medrobust report
+    with pytest.raises(ConfigError, match="not a medrobust report"):
+        corruption_baseline(str(tmp_path / "other.json"), mine, never, *args)
     with pytest.raises(ConfigError, match="no such file"):
-        corruption_baseline(str(tmp_path / "missing.ckpt"), mine, never, "multiclass", 2, "cpu")
+        corruption_baseline(str(tmp_path / "missing.ckpt"), mine, never, *args)
     good = {**mine, "table": {}, "flip_probability": {"kinds": {}}}
-    (tmp_path / "report.json").write_text(json.dumps({"corruptions": good}))
-    assert corruption_baseline(str(tmp_path), mine, never, "multiclass", 2, "cpu") == \
-        (good, {"kinds": {}})
+    report(good)
+    assert corruption_baseline(str(tmp_path), mine, never, *args) == (good, {"kinds": {}})

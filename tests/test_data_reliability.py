@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from datamodules import from_config
-from lightning_modules.utils import ConfigError
+from lightning_modules.core.errors import ConfigError
 from tests import layouts
 from tests.conftest import write_ham_fixture
 from train import train
@@ -138,7 +138,7 @@ def test_strict_damage_met_in_a_worker_process_is_one_line(train_cfg, tmp_path, 
     """A worker's exception would carry its traceback; the main process raises instead."""
     import logging
 
-    from lightning_modules.utils import exit_on_config_error
+    from lightning_modules.core.errors import exit_on_config_error
 
     root = layouts.write_folder(tmp_path / "d", splits=True)
     damage_png_data(root / "val" / "benign" / "img_000.png")
@@ -175,7 +175,7 @@ def test_train_strict_with_a_bad_image_is_one_line_before_training(train_cfg, tm
     """As train.py's main runs it: one ``medrobust: error:`` line, exit code 2, no checkpoint."""
     import logging
 
-    from lightning_modules.utils import exit_on_config_error
+    from lightning_modules.core.errors import exit_on_config_error
 
     root = layouts.write_folder(tmp_path / "d")
     layouts.corrupt(root / "malignant" / "img_002.png")

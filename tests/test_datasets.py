@@ -346,7 +346,7 @@ def test_weighted_sampler_balances_classes(tmp_path):
 
 
 def test_class_weighted_loss_matches_formula(train_cfg):
-    from train import build
+    from lightning_modules.training.build import build
 
     cfg = train_cfg("module.class_weights=balanced")
     module = build(cfg)["module"]

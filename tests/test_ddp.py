@@ -11,11 +11,12 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_modules.attacks import FGSM, PGD
-from lightning_modules.classifier import padding_mask
-from lightning_modules.robust_eval import RobustEvaluator
+from lightning_modules.evaluation.engine import RobustEvaluator
+from lightning_modules.training.build import build
+from lightning_modules.training.module import padding_mask
 from tests.conftest import ROOT, compose_cfg
 from tests.test_train import CLI_FAST, DDP_DEBUG, _run_group
-from train import build, train
+from train import train
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -141,7 +142,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.attacks.base import Attack
-from train import build, train
+from lightning_modules.training.build import build
+from train import train
 
 conf_dir, out = sys.argv[1], Path(sys.argv[2])
 state = {"in_attack": 0, "attacks": 0, "bn_changed": 0, "ddp_wrapper_attacked": 0,
@@ -298,7 +300,7 @@ def test_ddp_sim_debug_mode_x_callbacks(tmp_path, mode, callbacks):
 def test_compiled_backbone_trains(train_cfg):
     """``module.compile=true``: the backbone runs compiled (attacks in train and eval mode
     included) for a training step, validation and test, and checkpoints keep plain keys."""
-    from lightning_modules.classifier import RobustClassifier
+    from lightning_modules.training.module import RobustClassifier
 
     seen = []
     setup = RobustClassifier.setup

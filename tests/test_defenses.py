@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.attacks import FGSM, NFGSM, PGD
-from lightning_modules.backbones import small_cnn
 from lightning_modules.defenses import (
     TRADES,
     AdversarialTraining,
@@ -20,6 +19,7 @@ from lightning_modules.defenses.misclassification_aware import (
     boosted_ce,
     misclassification_aware_loss,
 )
+from lightning_modules.models.backbones import small_cnn
 
 # MPAdvT levels are copies of this attack (conf/attack/pgd_train.yaml)
 TRAIN_PGD = PGD(8 / 255, steps=7, model_mode="train")

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.attacks import PGD
-from lightning_modules.backbones import small_cnn
 from lightning_modules.defenses import AdversarialTraining
+from lightning_modules.models.backbones import small_cnn
 
 
 def reference_pgd(model, x, y, eps, steps, alpha):

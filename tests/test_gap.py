@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from datamodules.synthetic import make_synthetic
 from lightning_modules.attacks import GAP
 from lightning_modules.attacks.gap import gap_loss, scale_to_ball
-from lightning_modules.gap import GAPModule, load_generator, save_generator
-from lightning_modules.tasks import Task
+from lightning_modules.core.tasks import Task
+from lightning_modules.evaluation.gap_fit import GAPModule, load_generator, save_generator
 
 EPS = 32 / 255  # a generator fitted for seconds on a CPU needs a visible budget
 

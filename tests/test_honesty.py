@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lightning_modules.attacks import PGD
-from lightning_modules.honesty import failed, model_checks, probe_checks, report_checks
-from lightning_modules.tasks import Task
+from lightning_modules.core.tasks import Task
+from lightning_modules.evaluation.honesty import failed, model_checks, probe_checks, report_checks
 
 TASK = Task("multiclass")
 

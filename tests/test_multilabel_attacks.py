@@ -9,8 +9,8 @@ import torch
 from datamodules.synthetic import make_synthetic
 from lightning_modules.attacks import PGD
 from lightning_modules.attacks.pgd import draw_findings
-from lightning_modules.backbones import small_cnn
-from lightning_modules.tasks import Task
+from lightning_modules.core.tasks import Task
+from lightning_modules.models.backbones import small_cnn
 
 TASK = Task("multilabel")
 K = 5

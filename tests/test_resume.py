@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules import resume
+from lightning_modules.training import resume
 from tests.conftest import FAST, ROOT
 
 RUN = [o for o in FAST if not o.startswith(("trainer.max_epochs", "print_summary"))] + [
@@ -197,7 +197,7 @@ def test_find_checkpoint(tmp_path):
 
 
 def test_bad_resume_targets_are_one_line(train_cfg, tmp_path):
-    from lightning_modules.utils import ConfigError
+    from lightning_modules.core.errors import ConfigError
     from train import train
 
     with pytest.raises(ConfigError, match="ckpt_path=last: no run folder"):

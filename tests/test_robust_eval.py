@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_modules.attacks import FGSM, PGD
-from lightning_modules.robust_eval import RobustEvaluator
+from lightning_modules.evaluation.engine import RobustEvaluator
 
 
 def _suite(eps: float = 16 / 255):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from datamodules import from_config
-from lightning_modules.selection import chance_level, eligibility
+from lightning_modules.training.selection import chance_level, eligibility
 from tests import layouts
 from tests.conftest import FAST, compose_cfg
 from train import train
@@ -98,7 +98,7 @@ def test_selection_override_and_bad_value(train_cfg):
     result = train(train_cfg("defense=pgd_at", "defense.selection=last"))
     assert result["selection"]["criterion"] == "last"
     assert Path(result["best_checkpoint"]).name == "last.ckpt"
-    from lightning_modules.utils import ConfigError
+    from lightning_modules.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="defense.selection"):
         train(train_cfg("defense.selection=best"))

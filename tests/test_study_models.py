@@ -8,10 +8,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from lightning_modules.attn_vgg import AttentionBlock
-from lightning_modules.backbones import attn_vgg, check_input_size
-from lightning_modules.utils import ConfigError
-from train import build
+from lightning_modules.core.errors import ConfigError
+from lightning_modules.models.attn_vgg import AttentionBlock
+from lightning_modules.models.backbones import attn_vgg, check_input_size
+from lightning_modules.training.build import build
 
 
 def test_attention_block_formula():
@@ -90,7 +90,7 @@ def test_multiclass_auroc_ranks_softmax_probabilities_as_sklearn():
     probability, even for logits inside [0, 1] (which torchmetrics would rank raw)."""
     from sklearn.metrics import roc_auc_score
 
-    from lightning_modules.metrics import build_metrics
+    from lightning_modules.evaluation.metrics import build_metrics
 
     torch.manual_seed(0)
     logits = torch.rand(64, 2)  # inside [0, 1]

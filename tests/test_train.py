@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from evaluate import evaluate
-from lightning_modules.utils import ConfigError
+from lightning_modules.core.errors import ConfigError
 from tests.conftest import FAST, ROOT, compose_cfg
 from train import train
 
@@ -239,7 +239,7 @@ def test_evaluate_report_to_wandb_offline(undefended_run, tmp_path, monkeypatch)
 
 def test_killed_evaluation_resumes_from_its_saved_batches(undefended_run, tmp_path,
                                                           monkeypatch):
-    from lightning_modules.robust_eval import RobustEvaluator
+    from lightning_modules.evaluation.engine import RobustEvaluator
 
     args = [f"ckpt_path={undefended_run['best_checkpoint']}", "evaluation=quick", "~attacks.pgd",
             "+attack@attacks.fgsm=fgsm", "eps_grid=[0,8/255]",  # FGSM: deterministic
@@ -351,7 +351,7 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert report["n_images"] == 96
     # report.json follows the typed schema and reads back
-    from lightning_modules.report import EvalReport
+    from lightning_modules.evaluation.schema import EvalReport
 
     back = EvalReport.load(out / "report.json")
     assert back.as_dict() == json.loads((out / "report.json").read_text())
@@ -457,7 +457,7 @@ def test_bad_input_stops_at_startup(train_cfg, override, match, capsys):
     import logging
     import re
 
-    from lightning_modules.utils import exit_on_config_error
+    from lightning_modules.core.errors import exit_on_config_error
 
     extra = ["backbone.name=resnet_does_not_exist"] if override == "backbone=timm" else []
     cfg = train_cfg(override, *extra)
@@ -582,7 +582,7 @@ def test_cli_multirun(tmp_path):
 def test_channels_last_option(train_cfg, monkeypatch, channels_last):
     """Every image batch reaching the backbone (training, attacks, validation, test) and every
     conv weight are in the configured memory format."""
-    from lightning_modules.classifier import RobustClassifier
+    from lightning_modules.training.module import RobustClassifier
 
     seen: list[tuple[bool, bool]] = []
     setup = RobustClassifier.setup
@@ -637,7 +637,7 @@ def test_cli_evaluate_ddp_sim_matches_one_process(undefended_run, tmp_path):
 
 def test_metrics_json_is_valid_json_with_nan(tmp_path):
     """NaN/inf become null: metrics.json stays valid JSON (strict parsers reject NaN)."""
-    from lightning_modules.utils import write_json
+    from lightning_modules.core.io import write_json
 
     path = write_json(tmp_path / "m.json", {"a": float("nan"), "b": torch.tensor(float("inf")),
                                             "c": [1.0, float("-inf")], "d": 0.5})
@@ -676,10 +676,10 @@ def test_diverged_training_stops_at_the_first_non_finite_step(train_cfg, monkeyp
 
 def test_failed_honesty_check_warns_or_stops_when_strict(undefended_run, tmp_path, monkeypatch,
                                                          caplog):
-    import evaluate as evaluate_module
-    from lightning_modules.honesty import Check
+    from lightning_modules.evaluation import assemble
+    from lightning_modules.evaluation.honesty import Check
 
-    monkeypatch.setattr(evaluate_module, "model_checks",
+    monkeypatch.setattr(assemble, "model_checks",
                         lambda *a, **k: [Check("deterministic", False, "outputs differ")])
     base = [f"ckpt_path={undefended_run['best_checkpoint']}", "eps_grid=[0,2/255]",
             "evaluation=quick", "attacks.pgd.steps=2", "trainer.limit_test_batches=1"]

@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_modules.attacks import PGD
-from lightning_modules.tasks import Task
-from lightning_modules.wandb_panels import (
+from lightning_modules.core.tasks import Task
+from lightning_modules.training.wandb_panels import (
     COLUMNS,
     AdversarialExamplesTable,
     adversarial_examples,

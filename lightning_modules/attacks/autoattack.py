@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tasks import LossFn, Task
-from .base import Attack
+from lightning_modules.attacks.base import Attack
+from lightning_modules.core.tasks import LossFn, Task
 
 __all__ = ["AutoAttack", "components_for"]
 

@@ -2,7 +2,7 @@
 
 Contract: images ``x`` are in [0, 1] (normalisation lives inside the model), ``eps`` and step
 sizes are in the same pixel units, and the returned ``x_adv`` is detached, inside the epsilon
-ball and inside [0, 1]. The task (:class:`~lightning_modules.tasks.Task`) supplies the
+ball and inside [0, 1]. The task (:class:`~lightning_modules.core.tasks.Task`) supplies the
 per-sample loss to maximise (cross-entropy or BCE; ``loss_fn`` replaces it, e.g. TRADES' KL) and
 what counts as a misclassified sample. Gradients come from ``torch.autograd.grad`` with respect
 to the input only; the model is wrapped in :func:`.mode.attack_mode`, so parameter ``.grad``,
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tasks import LossFn, Task, as_task
-from .mode import MODES, attack_mode
-from .threat import ThreatModel, make_threat
+from lightning_modules.attacks.mode import MODES, attack_mode
+from lightning_modules.core.tasks import LossFn, Task, as_task
+from lightning_modules.core.threat import ThreatModel, make_threat
 
 __all__ = ["Attack", "input_grad"]
 

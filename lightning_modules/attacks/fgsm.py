@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tasks import LossFn, Task
-from .base import Attack, input_grad
-from .pgd import PGD
+from lightning_modules.attacks.base import Attack, input_grad
+from lightning_modules.attacks.pgd import PGD
+from lightning_modules.core.tasks import LossFn, Task
 
 __all__ = ["FGSM", "NFGSM"]
 

@@ -10,7 +10,7 @@ largest pixel of ``delta`` is exactly ``eps``; L2: its norm is ``eps``), then
 The objective (:func:`gap_loss`, minimised) is the one of the study's released code:
 single-label, cross-entropy toward the least likely class of the clean prediction;
 multi-label, BCE toward the flipped clean predictions. The generator is fitted by
-:class:`~lightning_modules.gap.GAPModule` (a Lightning fit of its own; ``evaluate.py`` runs it
+:class:`~lightning_modules.evaluation.gap_fit.GAPModule` (a Lightning fit of its own; ``evaluate.py`` runs it
 on the training split, saves the generator and reuses it).
 """
 
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..tasks import LossFn, Task
-from .base import Attack
+from lightning_modules.attacks.base import Attack
+from lightning_modules.core.tasks import LossFn, Task
 
 __all__ = ["GAP", "ResnetGenerator", "UniversalPattern", "build_generator", "gap_loss",
            "scale_to_ball", "KINDS"]
@@ -156,8 +156,9 @@ class GAP(Attack):
                 "epochs": self.epochs, "lr": self.lr, "max_batches": self.max_batches}
 
     def signature(self) -> dict:
-        """What a saved generator must match to be reused (the radius is not part of it)."""
-        return {"kind": self.kind, "width": self.width, "blocks": self.blocks, "norm": self.norm,
+        """What a saved generator must match to be reused: its settings and the radius it was
+        fitted at (a generator fitted at one eps is not reused at another)."""
+        return {"kind": self.kind, "eps": self.eps, "width": self.width, "blocks": self.blocks, "norm": self.norm,
                 "epochs": self.epochs, "lr": self.lr, "max_batches": self.max_batches}
 
     def with_generator(self, generator: nn.Module) -> GAP:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tasks import LossFn, Task, cross_entropy_per_sample
-from .base import Attack, input_grad
-from .threat import parse_eps
+from lightning_modules.attacks.base import Attack, input_grad
+from lightning_modules.core.tasks import LossFn, Task, cross_entropy_per_sample
+from lightning_modules.core.threat import parse_eps
 
 __all__ = ["PGD", "margin_loss", "draw_targets", "draw_findings"]
 

@@ -1,10 +1,10 @@
 """Adversarial-training defenses in plain PyTorch (no Lightning): each returns a batch's loss."""
 
-from .adversarial_training import AdversarialTraining
-from .base import Defense, DefenseOutput, NoDefense
-from .misclassification_aware import MisclassificationAwareAT
-from .multi_perturbation import MPAdvT
-from .trades import TRADES
+from lightning_modules.defenses.adversarial_training import AdversarialTraining
+from lightning_modules.defenses.base import Defense, DefenseOutput, NoDefense
+from lightning_modules.defenses.misclassification_aware import MisclassificationAwareAT
+from lightning_modules.defenses.multi_perturbation import MPAdvT
+from lightning_modules.defenses.trades import TRADES
 
 __all__ = ["Defense", "DefenseOutput", "NoDefense", "AdversarialTraining", "TRADES",
            "MisclassificationAwareAT", "MPAdvT"]

@@ -22,9 +22,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..attacks import Attack
-from ..tasks import Task, as_task
-from .base import Defense, DefenseOutput, weighted_loss
+from lightning_modules.attacks import Attack
+from lightning_modules.core.tasks import Task, as_task
+from lightning_modules.defenses.base import Defense, DefenseOutput, weighted_loss
 
 __all__ = ["AdversarialTraining"]
 

@@ -3,7 +3,7 @@
 A defense is a training strategy: given the current model and a clean batch (images in [0, 1])
 it crafts whatever adversarial examples it needs and returns the scalar loss to minimise, plus
 the logits it computed on the way so the caller can log clean and adversarial accuracy without
-extra forward passes. ``task`` (:class:`~lightning_modules.tasks.Task`) gives the per-sample
+extra forward passes. ``task`` (:class:`~lightning_modules.core.tasks.Task`) gives the per-sample
 training loss (cross-entropy or BCE-with-logits, class-weighted or not); defenses average it
 over the batch. ``eps_scale`` in [0, 1] is the epsilon warm-up factor of this batch, computed
 by the caller and passed on to every attack call (attacks are immutable).
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..tasks import Task, as_task
+from lightning_modules.core.tasks import Task, as_task
 
 __all__ = ["Defense", "DefenseOutput", "NoDefense", "weighted_loss"]
 

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import Attack
-from ..tasks import Task, as_task
-from .base import Defense, DefenseOutput
-from .divergences import kl_per_sample, true_class_prob
+from lightning_modules.attacks import Attack
+from lightning_modules.core.tasks import Task, as_task
+from lightning_modules.defenses.base import Defense, DefenseOutput
+from lightning_modules.defenses.divergences import kl_per_sample, true_class_prob
 
 __all__ = ["MisclassificationAwareAT", "boosted_ce", "misclassification_aware_loss"]
 

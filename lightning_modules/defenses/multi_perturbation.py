@@ -33,10 +33,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..attacks import FGSM, PGD
-from ..attacks.threat import parse_eps
-from ..tasks import Task, as_task
-from .base import Defense, DefenseOutput, weighted_loss
+from lightning_modules.attacks import FGSM, PGD
+from lightning_modules.core.tasks import Task, as_task
+from lightning_modules.core.threat import parse_eps
+from lightning_modules.defenses.base import Defense, DefenseOutput, weighted_loss
 
 __all__ = ["MPAdvT"]
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attacks import Attack, attack_mode
-from ..tasks import Task, as_task
-from .base import Defense, DefenseOutput
-from .divergences import kl_per_sample
+from lightning_modules.attacks import Attack, attack_mode
+from lightning_modules.core.tasks import Task, as_task
+from lightning_modules.defenses.base import Defense, DefenseOutput
+from lightning_modules.defenses.divergences import kl_per_sample
 
 __all__ = ["TRADES"]
 

@@ -1,0 +1,58 @@
+"""Hydra glue: ``_target_`` nodes instantiated with the key named in errors, and the
+OmegaConf resolvers of eps fractions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.core.errors import ConfigError, root_cause
+
+__all__ = ["instantiate_node", "instantiate_dict", "register_resolvers"]
+
+
+def instantiate_node(cfg: DictConfig, key: str, drop: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(cfg[key], **kwargs)``; errors become one :class:`ConfigError`
+    that names the config key and the underlying message. ``drop``: keys of the node that are
+    not constructor arguments (read by the caller)."""
+    node = cfg.get(key)
+    if node is None:
+        raise ConfigError(f"config key '{key}' is missing")
+    try:
+        if drop:
+            node = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+                    if k not in drop}
+        # _convert_="all": lists and dicts reach constructors as plain Python (they end up in
+        # checkpoints, which load with weights_only=True)
+        return hydra.utils.instantiate(node, _convert_="all", **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised with the key named
+        cause = root_cause(err)
+        raise ConfigError(f"{key}: {type(cause).__name__}: {cause}") from err
+
+
+def instantiate_dict(cfg: DictConfig, key: str) -> list[Any]:
+    """Instantiate every ``_target_`` node of ``cfg[key]`` (a dict of callbacks or loggers)."""
+    node = cfg.get(key)
+    if not node:
+        return []
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{key} must be a dict of _target_ nodes, got {type(node).__name__}")
+    out = []
+    for name, sub in node.items():
+        if isinstance(sub, DictConfig) and "_target_" in sub:
+            out.append(instantiate_node(node, name))
+    return out
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers (fractions parsed, never ``eval``):
+    ``${eps:8/255}`` -> 0.03137; ``${mul:8/255,0.5}`` -> 0.01569 (eps times a factor)."""
+    from lightning_modules.core.threat import parse_eps
+
+    if not OmegaConf.has_resolver("eps"):
+        OmegaConf.register_new_resolver("eps", lambda v: parse_eps(v))
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver(
+            "mul", lambda v, k: parse_eps(v, "eps") * parse_eps(k, "factor"))

@@ -1,0 +1,76 @@
+"""One evaluation's :class:`EvalReport` put together from what ran (the module's rows and
+costs, the checkpoint's training config, the trainer), and its honesty checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lightning_modules.attacks import PGD, Attack, AutoAttack
+from lightning_modules.core.tasks import SCORE_METRIC, Task, chance_level
+from lightning_modules.core.threat import format_eps
+from lightning_modules.evaluation.honesty import Check, model_checks, probe_checks, report_checks
+from lightning_modules.evaluation.module import EvaluationModule
+from lightning_modules.evaluation.schema import EvalReport, software_versions
+from lightning_modules.evaluation.writer import cost_table
+
+__all__ = ["assemble_report", "honesty_checks"]
+
+
+def assemble_report(ckpt_path: str, ckpt: dict, train_cfg: DictConfig, task: str,
+                    num_classes: int, module: EvaluationModule, trainer: Any, attacks: dict[str, Attack], skipped: dict[str, str],
+                    eps_grid: list[float], threat: dict[str, Any], options: Any, split: str,
+                    n_split: int | None, class_names: list[str] | None, cascade: bool,
+                    gap_info: dict[str, dict]) -> EvalReport:
+    """The report of one checkpoint; rows come from the module's typed cells."""
+    return EvalReport(
+        checkpoint=str(Path(ckpt_path).resolve()),
+        epoch=ckpt.get("epoch"),
+        dataset=train_cfg.datamodule.get("_target_"),
+        backbone=train_cfg.backbone.get("name", train_cfg.backbone.get("_target_")),
+        defense=train_cfg.defense.get("name", train_cfg.defense.get("_target_")),
+        train_threat=OmegaConf.to_container(train_cfg.get("threat", {}), resolve=True),
+        task=task, num_classes=num_classes, class_names=class_names,
+        score_metric=SCORE_METRIC[task],
+        chance={SCORE_METRIC[task]: chance_level(task, num_classes)},
+        split=split, n_images=module.n_images,
+        subset=None if n_split is None else
+        f"{module.n_images} of {n_split} (seeded, class-stratified)",
+        threat_model={"norm": sorted({a.norm for a in attacks.values()}),
+                      "eps_grid": [format_eps(e) for e in eps_grid],
+                      "source": threat["source"], "note": threat["note"]},
+        evaluation=options.get("name"),
+        precision=str(trainer.precision), devices=trainer.world_size,
+        clean=module.results["clean"],
+        attacks={name: atk.describe() for name, atk in attacks.items()},
+        skipped_attacks=skipped, cascade=cascade,
+        cost=cost_table(module.cost, module.n_images),
+        gap=gap_info or None,
+        worst_case=dict(module.evaluator.worst_case) or None,
+        results=module.rows(), software=software_versions(), resumed_batches=module.resumed)
+
+
+def honesty_checks(report: EvalReport, module: EvaluationModule, net: nn.Module,
+                   attacks: dict[str, Attack], eps_grid: list[float], probes: bool
+                   ) -> list[Check]:
+    """The report's own checks, the model checks on the first batch, and with ``probes`` the
+    attack probes (a huge eps, a stronger PGD, Square) against the untargeted PGD."""
+    task = report.task
+    metrics = ("acc", SCORE_METRIC[task]) if SCORE_METRIC[task] != "acc" else ("acc",)
+    kinds = {name: atk.name for name, atk in attacks.items()}
+    data = report.as_dict()
+    checks = report_checks(data["clean"], data["results"], module.n_images, metrics, kinds,
+                           bounded=("acc", "bal_acc") if task == "multiclass" else ())
+    if module.probe is None:  # a DDP rank whose shard held no batch
+        return checks
+    checks += model_checks(net, *module.probe, Task(task))
+    reference = next((a for a in attacks.values() if type(a) is PGD and a.targeted is None), None)
+    if probes and reference is not None and max(eps_grid) > 0:
+        queries = min([1000] + [a.square_queries for a in attacks.values()
+                                if isinstance(a, AutoAttack)])
+        checks += probe_checks(net, *module.probe, Task(task), report.num_classes,
+                               reference.with_eps(max(eps_grid)), square_queries=queries)
+    return checks
