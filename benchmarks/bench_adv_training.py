@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.attacks import FGSM, NFGSM, PGD
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.defenses import (
     TRADES,
     AdversarialTraining,
@@ -156,9 +156,11 @@ def lightning_way(net, defense, x, y, channels_last=False) -> Callable[[], float
 
     loader = DataLoader(TensorDataset(x, y), batch_size=x.shape[0], shuffle=False)
     module = RobustClassifier(
-        net, defense, PGD(8 / 255, steps=1), task="multiclass", num_classes=int(y.max()) + 1,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
-        train_clean_metrics=False, channels_last=channels_last,
+        net, defense, attack_from_config("pgd", eps=8 / 255, steps=1), task="multiclass", num_classes=int(y.max()) + 1,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9), scheduler=None,
+        train_clean_metrics=False, class_names=None, eps_warmup_epochs=0, class_weights=None,
+        channels_last=channels_last, compile=False,
+        eligibility={"max_class_share": 0.95, "min_above_chance": 0.02},
     )
     timer = Timer()
 
@@ -184,7 +186,7 @@ def bench_model(name: str, args) -> list[tuple[str, float]]:
         return net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
     def pgd_at():
-        return AdversarialTraining({"pgd": PGD(eps, steps=steps, model_mode="eval")})
+        return AdversarialTraining(attacks={"pgd": attack_from_config("pgd", eps=eps, steps=steps, model_mode="eval")}, weights=None, clean_weight=0.0, name="adversarial_training")
 
     ways: dict[str, Callable[[], float]] = {}
     for cl, xx in ((False, x), (True, x_cl)):
@@ -193,7 +195,7 @@ def bench_model(name: str, args) -> list[tuple[str, float]]:
         fwd_bwd, train_step = ideal_ways(net, opt, xx, y)
         ways[f"_fwd_bwd{tag}"] = timed(fwd_bwd)
         ways[f"clean step (raw){tag}"] = timed(train_step)
-        ways[f"clean step (Lightning){tag}"] = lightning_way(fresh()[0], NoDefense(), x, y, cl)
+        ways[f"clean step (Lightning){tag}"] = lightning_way(fresh()[0], NoDefense(name="none"), x, y, cl)
         ways[f"project PGD-{steps} AT (Lightning){tag}"] = lightning_way(
             fresh()[0], pgd_at(), x, y, cl)
         net, opt = fresh(cl)
@@ -208,15 +210,15 @@ def bench_model(name: str, args) -> list[tuple[str, float]]:
         ways[f"torchattacks PGD-{steps} + step"] = timed(lambda: ta(x, y))
     if not args.quick:
         others = {
-            "fgsm_at": AdversarialTraining({"fgsm": FGSM(eps)}, {"fgsm": 0.5}, clean_weight=0.5),
-            "fast_at": AdversarialTraining({"rs": PGD(eps, steps=1, step_size_rel=1.25)}),
-            "n_fgsm": AdversarialTraining({"n": NFGSM(eps)}),
-            f"trades (K={steps})": TRADES(PGD(eps, steps=steps, random_start="normal")),
-            f"mart (K={steps})": MisclassificationAwareAT(PGD(eps, steps=steps)),
-            "mpadvt (per_sample)": MPAdvT(PGD(eps, model_mode="train"), [{"eps": eps / 8, "steps": 2},
+            "fgsm_at": AdversarialTraining(attacks={"fgsm": attack_from_config("fgsm", eps=eps)}, weights={"fgsm": 0.5}, clean_weight=0.5, name="adversarial_training"),
+            "fast_at": AdversarialTraining(attacks={"rs": attack_from_config("pgd", eps=eps, steps=1, step_size_rel=1.25)}, weights=None, clean_weight=0.0, name="adversarial_training"),
+            "n_fgsm": AdversarialTraining(attacks={"n": attack_from_config("n_fgsm", eps=eps, model_mode="eval")}, weights=None, clean_weight=0.0, name="adversarial_training"),
+            f"trades (K={steps})": TRADES(attack=attack_from_config("pgd", eps=eps, steps=steps, random_start="normal"), beta=6.0, name="trades"),
+            f"mart (K={steps})": MisclassificationAwareAT(attack=attack_from_config("pgd", eps=eps, steps=steps), beta=6.0, name="mart"),
+            "mpadvt (per_sample)": MPAdvT(attack=attack_from_config("pgd", eps=eps, model_mode="train"), levels=[{"eps": eps / 8, "steps": 2},
                                            {"eps": eps / 4, "steps": 3},
                                            {"eps": eps / 2, "steps": 5},
-                                           {"eps": eps, "steps": steps}]),
+                                           {"eps": eps, "steps": steps}], mode="per_sample", probs=None, clean_weight=0.0, p_adv=0.5, eps_min=0.0, eps_max=None, steps_max=None, step_size=1 / 255, name="mpadvt"),
         }
         for label, defense in others.items():
             net, opt = fresh(True)
@@ -225,7 +227,7 @@ def bench_model(name: str, args) -> list[tuple[str, float]]:
     for cl, xx in ((False, x), (True, x_cl)):
         net, _ = fresh(cl)
         net.eval()
-        pgd20 = PGD(eps, steps=20)
+        pgd20 = attack_from_config("pgd", eps=eps, steps=20)
 
         def eval_step(net=net, xx=xx, pgd20=pgd20):
             with torch.no_grad():

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from lightning_modules.attacks import PGD, AutoAttack
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.evaluation.engine import RobustEvaluator
 
 
@@ -82,16 +82,16 @@ def main() -> None:
         _trained_small_cnn(args.n)
     if args.cascade_only:
         print(f"{what}; batch {len(x)}, L-inf eps {args.eps}", flush=True)
-        cascade_table(model, x, y, PGD(eps=args.eps).eps, args)
+        cascade_table(model, x, y, attack_from_config("pgd", eps=args.eps).eps, args)
         return
-    ours = PGD(eps=args.eps, steps=20)
+    ours = attack_from_config("pgd", eps=args.eps, steps=20)
     eps = ours.eps
     ways = {
         "our PGD-20": ours,
         "our PGD-20, early stop": ours.replace(early_stop=True),
-        "AutoAttack APGD-CE": AutoAttack(eps=eps, components=["apgd-ce"]),
+        "AutoAttack APGD-CE": attack_from_config("autoattack", eps=eps, components=["apgd-ce"]),
         f"AutoAttack standard (Square {args.square_queries} queries)":
-            AutoAttack(eps=eps, square_queries=args.square_queries),
+            attack_from_config("autoattack", eps=eps, square_queries=args.square_queries),
     }
     try:
         import torchattacks
@@ -101,7 +101,7 @@ def main() -> None:
     except ImportError:
         print("torchattacks not installed: its row is skipped")
     num_classes = int(model(x[:1]).shape[1])
-    components, _ = AutoAttack(eps=eps).suite(num_classes)
+    components, _ = attack_from_config("autoattack", eps=eps).suite(num_classes)
 
     def run(fn):
         torch.manual_seed(0)
@@ -125,7 +125,7 @@ def main() -> None:
     # what "only still-robust samples" saves: each component alone on the whole batch
     alone = {}
     for comp in components:
-        atk = AutoAttack(eps=eps, components=[comp], square_queries=args.square_queries)
+        atk = attack_from_config("autoattack", eps=eps, components=[comp], square_queries=args.square_queries)
         alone[comp] = statistics.median(run(atk)[0] for _ in range(args.repeats))
     base = statistics.median(times["our PGD-20"])
     print(f"\n{what}; batch {len(x)}, L-inf eps {args.eps}, clean acc {clean:.4f}, "
@@ -146,8 +146,8 @@ def main() -> None:
 def cascade_table(model, x, y, eps: float, args) -> None:
     """The evaluation engine with PGD-20 (early stop) then AutoAttack standard, worst case over
     both, with and without the cascade, interleaved repeats."""
-    suite = {"pgd": PGD(eps=eps, steps=20, early_stop=True),
-             "aa": AutoAttack(eps=eps, square_queries=args.square_queries)}
+    suite = {"pgd": attack_from_config("pgd", eps=eps, steps=20, early_stop=True),
+             "aa": attack_from_config("autoattack", eps=eps, square_queries=args.square_queries)}
     num_classes = int(model(x[:1]).shape[1])
     times: dict[bool, list[float]] = {False: [], True: []}
     last: dict[bool, tuple] = {}

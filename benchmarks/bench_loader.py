@@ -30,7 +30,7 @@ import torch
 
 from datamodules import from_config
 from datamodules.ham10000 import HAM10000DataModule
-from lightning_modules.attacks import PGD
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.defenses import AdversarialTraining
 from lightning_modules.models.backbones import small_cnn
 
@@ -62,7 +62,7 @@ def training_rate(image_size: int, batch: int, steps: int, eps: float, repeats: 
     torch.manual_seed(0)
     net = small_cnn(7).train().to(memory_format=torch.channels_last)  # the module default
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
-    defense = AdversarialTraining({"pgd": PGD(eps, steps=steps, model_mode="eval")})
+    defense = AdversarialTraining(attacks={"pgd": attack_from_config("pgd", eps=eps, steps=steps, model_mode="eval")}, weights=None, clean_weight=0.0, name="adversarial_training")
     x = torch.rand(batch, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 7, (batch,))
 

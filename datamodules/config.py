@@ -14,32 +14,15 @@ state, so this also works inside a running Hydra app (``evaluate.py``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_modules.core.config import CONF_DIR, compose_file
+
 __all__ = ["CONF_DIR", "datamodule_config", "from_config", "complete_stored_config"]
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 _GROUP = CONF_DIR / "datamodule"
-
-
-def _compose(path: Path) -> DictConfig:
-    raw = OmegaConf.load(path)
-    defaults = list(raw.pop("defaults", None) or ["_self_"])
-    out = OmegaConf.create()
-    for entry in defaults:
-        if entry == "_self_":
-            out = OmegaConf.merge(out, raw)
-            continue
-        name, _, package = str(entry).partition("@")
-        if package not in ("", "_here_") or not isinstance(entry, str):
-            raise ValueError(f"{path}: unsupported defaults entry {entry!r}")
-        out = OmegaConf.merge(out, _compose(path.parent / f"{name}.yaml"))
-    if "_self_" not in defaults:
-        out = OmegaConf.merge(out, raw)
-    return out
 
 
 def datamodule_config(name: str, **overrides: Any) -> DictConfig:
@@ -48,7 +31,7 @@ def datamodule_config(name: str, **overrides: Any) -> DictConfig:
     if not path.is_file():
         options = sorted(p.stem for p in _GROUP.glob("*.yaml"))
         raise ValueError(f"datamodule={name!r} is not one of {options}")
-    return OmegaConf.merge(_compose(path), overrides)
+    return OmegaConf.merge(compose_file(path), overrides)
 
 
 def complete_stored_config(stored: DictConfig) -> DictConfig:
@@ -57,7 +40,7 @@ def complete_stored_config(stored: DictConfig) -> DictConfig:
     target = stored.get("_target_")
     for path in sorted(_GROUP.glob("*.yaml")):
         if OmegaConf.load(path).get("_target_") == target:
-            return OmegaConf.merge(_compose(path), stored)
+            return OmegaConf.merge(compose_file(path), stored)
     return stored
 
 

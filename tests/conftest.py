@@ -120,3 +120,15 @@ def trained_model():
         acc = (model(xt).argmax(1) == yt).float().mean().item()
     assert acc > 0.8, f"fixture model failed to learn (acc {acc:.2f})"
     return model, xt, yt
+
+
+def attack_kwargs(name: str, **overrides) -> dict:
+    """The constructor arguments of ``conf/attack/<name>.yaml`` with ``overrides``: for
+    subclasses of an attack built in a test (``class NoOp(PGD)``)."""
+    from omegaconf import OmegaConf
+
+    from lightning_modules.attacks import attack_config
+
+    node = OmegaConf.to_container(attack_config(name, **overrides))
+    node.pop("_target_")
+    return node

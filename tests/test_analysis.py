@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.attacks import PGD
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.evaluation.analysis import (
     ANALYSES,
     cooccurrence,
@@ -37,7 +37,7 @@ def test_feature_distance_zero_for_equal_inputs_and_grows_under_attack(trained_m
     same = relative_feature_distance(model, x, x.clone())
     assert list(same) == ["block1", "block2", "block3", "pooled"]
     assert all(v == 0.0 for v in same.values())
-    x_adv = PGD(eps=8 / 255, steps=10)(model, x, y[:32])
+    x_adv = attack_from_config("pgd", eps=8 / 255, steps=10)(model, x, y[:32])
     dist = relative_feature_distance(model, x, x_adv)
     assert all(v > 0 for v in dist.values())
     noise = (x + 8 / 255 * torch.randn_like(x).sign()).clamp(0, 1)
@@ -100,7 +100,7 @@ def test_each_analysis_runs_on_its_own_by_name(trained_model, tmp_path):
     from lightning_modules.core.tasks import Task
 
     model, x, y = trained_model
-    pgd = {"pgd": PGD(eps=8 / 255, steps=2, norm="linf")}
+    pgd = {"pgd": attack_from_config("pgd", eps=8 / 255, steps=2, norm="linf")}
     only = run_analyses(model, x[:24], y[:24], Task("multiclass"), 4, pgd, tmp_path / "f",
                         which=["features"])
     assert only["which"] == ["features"] and set(only["files"]) == {"feature_distance"}

@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from lightning_modules.attacks import FGSM, PGD, attack_mode, parse_eps
+from lightning_modules.attacks import PGD, attack_from_config, attack_mode, parse_eps
 from lightning_modules.core.tasks import bce_per_sample, cross_entropy_per_sample
 from lightning_modules.models.backbones import small_cnn
+from tests.conftest import attack_kwargs
 
 EPS = 8 / 255
 
@@ -25,9 +26,9 @@ def _loss(model, x, y, fn=cross_entropy_per_sample):
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-@pytest.mark.parametrize("make", [lambda n, e: FGSM(e, norm=n),
-                                  lambda n, e: PGD(e, steps=5, norm=n),
-                                  lambda n, e: PGD(e, steps=3, norm=n, restarts=2)])
+@pytest.mark.parametrize("make", [lambda n, e: attack_from_config("fgsm", eps=e, norm=n),
+                                  lambda n, e: attack_from_config("pgd", eps=e, steps=5, norm=n),
+                                  lambda n, e: attack_from_config("pgd", eps=e, steps=3, norm=n, restarts=2)])
 def test_inside_ball_and_pixel_range(trained_model, norm, make):
     model, x, y = trained_model
     eps = EPS if norm == "linf" else 0.5
@@ -45,7 +46,7 @@ def test_inside_ball_and_pixel_range(trained_model, norm, make):
     assert _loss(model, x_adv, y) > _loss(model, x, y)
 
 
-@pytest.mark.parametrize("atk", [FGSM(0), PGD(0, steps=3), PGD("0", steps=2, norm="l2")])
+@pytest.mark.parametrize("atk", [attack_from_config("fgsm", eps=0), attack_from_config("pgd", eps=0, steps=3), attack_from_config("pgd", eps="0", steps=2, norm="l2")])
 def test_eps_zero_is_identity(trained_model, atk):
     model, x, y = trained_model
     assert torch.equal(atk(model, x, y), x)
@@ -55,8 +56,8 @@ def test_pgd_at_least_as_strong_as_fgsm(trained_model):
     model, x, y = trained_model
     torch.manual_seed(0)
     acc_clean = _acc(model, x, y)
-    acc_fgsm = _acc(model, FGSM(EPS)(model, x, y), y)
-    acc_pgd = _acc(model, PGD(EPS, steps=10)(model, x, y), y)
+    acc_fgsm = _acc(model, attack_from_config("fgsm", eps=EPS)(model, x, y), y)
+    acc_pgd = _acc(model, attack_from_config("pgd", eps=EPS, steps=10)(model, x, y), y)
     assert acc_pgd <= acc_fgsm <= acc_clean
     assert acc_pgd < acc_clean - 0.2, "PGD at 8/255 should hurt an undefended model"
 
@@ -64,11 +65,11 @@ def test_pgd_at_least_as_strong_as_fgsm(trained_model):
 def test_restarts_never_weaker(trained_model):
     model, x, y = trained_model
     torch.manual_seed(1)
-    one = PGD(2 / 255, steps=3)
+    one = attack_from_config("pgd", eps=2 / 255, steps=3)
     torch.manual_seed(1)
     x1 = one(model, x, y)
     torch.manual_seed(1)
-    x3 = PGD(2 / 255, steps=3, restarts=3)(model, x, y)
+    x3 = attack_from_config("pgd", eps=2 / 255, steps=3, restarts=3)(model, x, y)
     # with the same seed the first restart equals the single run; later ones only replace it
     with torch.no_grad():
         l1 = cross_entropy_per_sample(model(x1), y)
@@ -84,12 +85,12 @@ def test_parameter_grads_untouched(trained_model):
     model, x, y = trained_model
     for p in model.parameters():
         assert p.grad is None
-    PGD(EPS, steps=2)(model, x, y)
+    attack_from_config("pgd", eps=EPS, steps=2)(model, x, y)
     assert all(p.grad is None for p in model.parameters())
     # existing grads are left exactly as they were
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.5)
-    FGSM(EPS)(model, x, y)
+    attack_from_config("fgsm", eps=EPS)(model, x, y)
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
     for p in model.parameters():
@@ -107,7 +108,7 @@ def test_mode_and_batchnorm_restored(mode, start_training):
     buffers = copy.deepcopy({k: v for k, v in model.state_dict().items()})
     x = torch.rand(8, 3, 12, 12)
     y = torch.randint(0, 3, (8,))
-    PGD(EPS, steps=3, model_mode=mode)(model, x, y)
+    attack_from_config("pgd", eps=EPS, steps=3, model_mode=mode)(model, x, y)
     assert {name: m.training for name, m in model.named_modules()} == modes
     for k, v in model.state_dict().items():
         assert torch.equal(v, buffers[k]), f"{k} changed during the attack"
@@ -121,7 +122,7 @@ def test_mode_restored_when_attack_raises():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        PGD(EPS, steps=2)(model, torch.rand(2, 3, 8, 8), torch.zeros(2, dtype=torch.long),
+        attack_from_config("pgd", eps=EPS, steps=2)(model, torch.rand(2, 3, 8, 8), torch.zeros(2, dtype=torch.long),
                           loss_fn=bad_loss)
     assert model.training and all(p.requires_grad for p in model.parameters())
 
@@ -152,11 +153,11 @@ def test_multilabel_bce_path():
             loss.backward()
             opt.step()
     model.eval()
-    x_adv = PGD(EPS, steps=5)(model, x, y, "multilabel")
+    x_adv = attack_from_config("pgd", eps=EPS, steps=5)(model, x, y, "multilabel")
     assert (x_adv - x).abs().max() <= EPS + 1e-6
     assert _loss(model, x_adv, y, bce_per_sample) > _loss(model, x, y, bce_per_sample) + 0.05
     torch.manual_seed(0)
-    x_r = PGD(EPS, steps=2, restarts=2)(model, x, y, "multilabel")
+    x_r = attack_from_config("pgd", eps=EPS, steps=2, restarts=2)(model, x, y, "multilabel")
     assert x_r.shape == x.shape
 
 
@@ -167,10 +168,10 @@ def test_works_under_autocast(trained_model, dtype):
     much as in fp32."""
     model, x, y = trained_model
     torch.manual_seed(0)
-    ref = _acc(model, PGD(EPS, steps=10)(model, x, y), y)  # fp32
+    ref = _acc(model, attack_from_config("pgd", eps=EPS, steps=10)(model, x, y), y)  # fp32
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=dtype):
-        x_adv = PGD(EPS, steps=10)(model, x, y)
+        x_adv = attack_from_config("pgd", eps=EPS, steps=10)(model, x, y)
     assert x_adv.dtype == torch.float32
     delta = (x_adv - x).abs()
     assert delta.max() <= EPS + 1e-6
@@ -180,12 +181,12 @@ def test_works_under_autocast(trained_model, dtype):
 
 
 def test_step_size_default_and_with_eps():
-    atk = PGD("8/255", steps=10)
+    atk = attack_from_config("pgd", eps="8/255", steps=10)
     assert atk.eps == pytest.approx(8 / 255)
     assert atk.step_size == pytest.approx(2.5 * 8 / 255 / 10)
-    fixed = PGD(8 / 255, steps=10, step_size="2/255").with_eps(4 / 255)
+    fixed = attack_from_config("pgd", eps=8 / 255, steps=10, step_size="2/255").with_eps(4 / 255)
     assert fixed.eps == pytest.approx(4 / 255) and fixed.step_size == pytest.approx(1 / 255)
-    assert FGSM(0.1).with_eps(0.2).step_size == pytest.approx(0.2)
+    assert attack_from_config("fgsm", eps=0.1).with_eps(0.2).step_size == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -194,7 +195,7 @@ def test_step_size_default_and_with_eps():
 ])
 def test_bad_arguments(bad, match):
     with pytest.raises(ValueError, match=match):
-        PGD(**{"eps": 0.1, **bad})
+        attack_from_config("pgd", **{"eps": 0.1, **bad})
 
 
 def test_parse_eps():
@@ -215,7 +216,7 @@ def test_train_mode_attack_after_a_training_forward_keeps_backward_valid():
     x, y = torch.rand(8, 3, 12, 12), torch.randint(0, 3, (8,))
     loss = cross_entropy_per_sample(model(x), y).mean()
     running = model.net.features[1].running_mean.clone()
-    PGD(EPS, steps=2, model_mode="train")(model, x, y)
+    attack_from_config("pgd", eps=EPS, steps=2, model_mode="train")(model, x, y)
     assert torch.equal(model.net.features[1].running_mean, running)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -229,9 +230,9 @@ def test_early_stop_never_weaker_and_stays_in_ball(trained_model, channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     eps = 6 / 255
     torch.manual_seed(3)
-    plain = PGD(eps, steps=10)(model, x, y)
+    plain = attack_from_config("pgd", eps=eps, steps=10)(model, x, y)
     torch.manual_seed(3)  # same random start
-    early = PGD(eps, steps=10, early_stop=True)(model, x, y)
+    early = attack_from_config("pgd", eps=eps, steps=10, early_stop=True)(model, x, y)
     assert (early - x).abs().max() <= eps + 1e-6 and early.min() >= 0 and early.max() <= 1
     with torch.no_grad():
         wrong_plain = model(plain).argmax(1) != y
@@ -240,23 +241,23 @@ def test_early_stop_never_weaker_and_stays_in_ball(trained_model, channels_last)
     # samples never misclassified follow the plain trajectory to the end
     untouched = ~wrong_early
     assert torch.allclose(early[untouched], plain[untouched], atol=1e-5)
-    assert PGD(eps, early_stop=True).with_eps(1 / 255).early_stop
+    assert attack_from_config("pgd", eps=eps, early_stop=True).with_eps(1 / 255).early_stop
 
 
 def test_early_stop_rules():
     with pytest.raises(ValueError, match="model_mode='eval'"):
-        PGD(EPS, early_stop=True, model_mode="train")
+        attack_from_config("pgd", eps=EPS, early_stop=True, model_mode="train")
     model = small_cnn(3, width=4).eval()
     x, y = torch.rand(6, 3, 8, 8), (torch.rand(6, 3) < 0.5).float()
     torch.manual_seed(0)
-    a = PGD(EPS, steps=3, early_stop=True)(model, x, y, "multilabel")
+    a = attack_from_config("pgd", eps=EPS, steps=3, early_stop=True)(model, x, y, "multilabel")
     torch.manual_seed(0)
-    b = PGD(EPS, steps=3)(model, x, y, "multilabel")
+    b = attack_from_config("pgd", eps=EPS, steps=3)(model, x, y, "multilabel")
     assert torch.equal(a, b)  # multi-label: early stop does not apply
 
 
 def test_attacks_are_immutable():
-    atk = PGD(EPS, steps=3)
+    atk = attack_from_config("pgd", eps=EPS, steps=3)
     with pytest.raises(AttributeError, match="immutable"):
         atk.steps = 5
     assert atk.with_eps(2 / 255).eps == pytest.approx(2 / 255) and atk.eps == pytest.approx(EPS)
@@ -265,11 +266,11 @@ def test_attacks_are_immutable():
     class MyPGD(PGD):  # a subclass without an __init__ of its own is frozen too
         pass
 
-    mine = MyPGD(EPS)
+    mine = MyPGD(**attack_kwargs("pgd", eps=EPS))
     with pytest.raises(AttributeError):
         mine.steps = 99
     with pytest.raises(AttributeError):
-        FGSM(EPS).threat = None
+        attack_from_config("fgsm", eps=EPS).threat = None
 
 
 def test_margin_loss_formula():
@@ -283,7 +284,7 @@ def test_margin_loss_formula():
                                 {"targeted": "least_likely", "loss": "margin"}])
 def test_margin_and_targeted_pgd_stay_in_the_ball_and_hurt(trained_model, kw):
     model, x, y = trained_model
-    atk = PGD(eps=8 / 255, steps=20, **kw)
+    atk = attack_from_config("pgd", eps=8 / 255, steps=20, **kw)
     torch.manual_seed(0)
     x_adv = atk(model, x, y)
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
@@ -292,7 +293,7 @@ def test_margin_and_targeted_pgd_stay_in_the_ball_and_hurt(trained_model, kw):
         adv = (model(x_adv).argmax(1) == y).float().mean()
     assert adv < clean - 0.1
     assert atk.describe()[next(iter(kw))] == next(iter(kw.values()))
-    assert PGD(**kw).replace(eps=0.1).describe() == PGD(eps=0.1, **kw).describe()
+    assert attack_from_config("pgd", **kw).replace(eps=0.1).describe() == attack_from_config("pgd", eps=0.1, **kw).describe()
 
 
 @pytest.mark.parametrize("how", ["random", "least_likely"])
@@ -308,7 +309,7 @@ def test_targeted_pgd_hits_its_target_more_often_than_chance(trained_model, how)
             target = draw_targets(model(x), y, how)  # the draw the attack makes, same seed
         assert (target != y).float().mean() > 0.9
         torch.manual_seed(1)
-        x_adv = PGD(eps=16 / 255, steps=20, targeted=how, early_stop=early_stop)(model, x, y)
+        x_adv = attack_from_config("pgd", eps=16 / 255, steps=20, targeted=how, early_stop=early_stop)(model, x, y)
         with torch.no_grad():
             hit = (model(x_adv).argmax(1) == target).float().mean().item()
         assert hit > 0.6, (how, early_stop, hit)
@@ -318,10 +319,10 @@ def test_margin_and_targeted_refuse_multilabel():
     model = torch.nn.Linear(3 * 8 * 8, 4)
     net = torch.nn.Sequential(torch.nn.Flatten(), model)
     with pytest.raises(ValueError, match="single-label"):
-        PGD(eps=0.1, steps=1, loss="margin")(net, torch.rand(2, 3, 8, 8), torch.ones(2, 4),
+        attack_from_config("pgd", eps=0.1, steps=1, loss="margin")(net, torch.rand(2, 3, 8, 8), torch.ones(2, 4),
                                              "multilabel")
     with pytest.raises(ValueError, match="targeted"):
-        PGD(targeted="closest")
+        attack_from_config("pgd", targeted="closest")
 
 
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
@@ -333,7 +334,7 @@ def test_fooling_rate_is_the_share_of_changed_predictions(trained_model, task):
     model, x, y = trained_model
     if task == "multilabel":
         y = torch.nn.functional.one_hot(y, 4).float()
-    evaluator = RobustEvaluator(task, 4, {"pgd": PGD(eps=8 / 255, steps=5)})
+    evaluator = RobustEvaluator(task, 4, {"pgd": attack_from_config("pgd", eps=8 / 255, steps=5)})
     torch.manual_seed(0)
     out = evaluator.update(model, x, y)
     result = evaluator.compute()

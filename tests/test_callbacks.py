@@ -63,9 +63,9 @@ def test_no_false_alarm_and_real_measurement(tmp_path):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="action"):
-        CatastrophicOverfittingMonitor(action="panic")
+        CatastrophicOverfittingMonitor(eps=None, pgd_steps=10, n_samples=256, min_drop=0.2, action="panic")
     with pytest.raises(ValueError, match="min_drop"):
-        CatastrophicOverfittingMonitor(min_drop=0)
+        CatastrophicOverfittingMonitor(eps=None, pgd_steps=10, n_samples=256, min_drop=0, action="warn")
 
 
 def test_silent_without_adversarial_training(tmp_path):

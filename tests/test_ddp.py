@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_modules.attacks import FGSM, PGD
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.evaluation.engine import RobustEvaluator
 from lightning_modules.training.build import build
 from lightning_modules.training.module import padding_mask
@@ -49,7 +49,7 @@ def test_evaluator_ignores_masked_samples(trained_model):
     """A batch with duplicates and a mask gives exactly the metrics of the batch without them."""
     model, x, y = trained_model
     x, y = x[:37], y[:37]
-    suite = {"fgsm": FGSM(8 / 255), "pgd": PGD(8 / 255, steps=3, random_start=False)}
+    suite = {"fgsm": attack_from_config("fgsm", eps=8 / 255), "pgd": attack_from_config("pgd", eps=8 / 255, steps=3, random_start=False)}
     plain = RobustEvaluator("multiclass", 4, suite, worst_case={"worst": ["fgsm", "pgd"]},
                             per_class=True)
     masked = RobustEvaluator("multiclass", 4, suite, worst_case={"worst": ["fgsm", "pgd"]},

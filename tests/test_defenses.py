@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.attacks import FGSM, NFGSM, PGD
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.defenses import (
     TRADES,
     AdversarialTraining,
@@ -22,7 +22,10 @@ from lightning_modules.defenses.misclassification_aware import (
 from lightning_modules.models.backbones import small_cnn
 
 # MPAdvT levels are copies of this attack (conf/attack/pgd_train.yaml)
-TRAIN_PGD = PGD(8 / 255, steps=7, model_mode="train")
+# MPAdvT's options as conf/defense/mpadvt.yaml sets them (levels aside)
+MPADVT = dict(mode="per_sample", probs=None, clean_weight=0.0, p_adv=0.5, eps_min=0.0,
+              eps_max=None, steps_max=None, step_size=1 / 255, name="mpadvt")
+TRAIN_PGD = attack_from_config("pgd", eps=8 / 255, steps=7, model_mode="train")
 
 
 @pytest.fixture
@@ -33,16 +36,16 @@ def batch():
 
 def test_none_is_clean_cross_entropy(batch):
     model, x, y = batch
-    out = NoDefense()(model, x, y, "multiclass")
+    out = NoDefense(name="none")(model, x, y, "multiclass")
     assert torch.allclose(out.loss, F.cross_entropy(model(x), y), atol=1e-6)
     assert out.logits_adv is None
 
 
 def test_pgd_at_trains_on_adversarial_examples(batch):
     model, x, y = batch
-    attack = PGD(8 / 255, steps=2, model_mode="train")  # batch statistics: order-independent
+    attack = attack_from_config("pgd", eps=8 / 255, steps=2, model_mode="train")  # batch statistics: order-independent
     torch.manual_seed(1)
-    out = AdversarialTraining({"pgd": attack})(model, x, y, "multiclass")
+    out = AdversarialTraining(attacks={"pgd": attack}, weights=None, clean_weight=0.0, name="adversarial_training")(model, x, y, "multiclass")
     torch.manual_seed(1)
     x_adv = attack(model, x, y)
     expected = F.cross_entropy(model(x_adv), y)
@@ -54,9 +57,9 @@ def test_pgd_at_trains_on_adversarial_examples(batch):
 
 def test_weights_and_clean_mix(batch):
     model, x, y = batch
-    d = AdversarialTraining({"fgsm": FGSM(4 / 255, model_mode="train")}, weights={"fgsm": 0.5}, clean_weight=0.5)
+    d = AdversarialTraining(attacks={"fgsm": attack_from_config("fgsm", eps=4 / 255, model_mode="train")}, weights={"fgsm": 0.5}, clean_weight=0.5, name="adversarial_training")
     out = d(model, x, y, "multiclass")
-    x_adv = FGSM(4 / 255, model_mode="train")(model, x, y)
+    x_adv = attack_from_config("fgsm", eps=4 / 255, model_mode="train")(model, x, y)
     expected = 0.5 * F.cross_entropy(model(x), y) + 0.5 * F.cross_entropy(model(x_adv), y)
     assert torch.allclose(out.loss, expected, atol=1e-5)
     assert out.logits_clean is not None and out.logits_adv is not None
@@ -64,11 +67,11 @@ def test_weights_and_clean_mix(batch):
 
 def test_bad_weights():
     with pytest.raises(ValueError, match="weights"):
-        AdversarialTraining({"pgd": PGD(0.1)}, weights={"fgsm": 1.0})
+        AdversarialTraining(attacks={"pgd": attack_from_config("pgd", eps=0.1)}, weights={"fgsm": 1.0}, clean_weight=0.0, name="adversarial_training")
     with pytest.raises(ValueError, match="clean_weight"):
-        AdversarialTraining({"pgd": PGD(0.1)}, clean_weight=-1)
+        AdversarialTraining(attacks={"pgd": attack_from_config("pgd", eps=0.1)}, weights=None, clean_weight=-1, name="adversarial_training")
     with pytest.raises(ValueError, match="empty"):
-        AdversarialTraining({})
+        AdversarialTraining(attacks={}, weights=None, clean_weight=0.0, name="adversarial_training")
 
 
 # ------------------------------------------------------------------ published formulas (issue 4)
@@ -91,7 +94,7 @@ def test_kl_matches_torch_and_bernoulli_is_two_class_softmax():
 def test_trades_beta_zero_is_clean_cross_entropy(batch):
     model, x, y = batch
     model.eval()
-    out = TRADES(PGD(8 / 255, steps=2, random_start="normal"), beta=0.0)(
+    out = TRADES(attack=attack_from_config("pgd", eps=8 / 255, steps=2, random_start="normal"), beta=0.0, name="trades")(
         model, x, y, "multiclass")
     assert torch.allclose(out.loss, F.cross_entropy(model(x), y), atol=1e-6)
 
@@ -99,9 +102,9 @@ def test_trades_beta_zero_is_clean_cross_entropy(batch):
 def test_trades_formula(batch):
     model, x, y = batch
     model.eval()  # BatchNorm on running stats: every forward is the same function
-    attack = PGD(8 / 255, steps=3, random_start="normal")
+    attack = attack_from_config("pgd", eps=8 / 255, steps=3, random_start="normal")
     torch.manual_seed(3)
-    out = TRADES(attack, beta=6.0)(model, x, y, "multiclass")
+    out = TRADES(attack=attack, beta=6.0, name="trades")(model, x, y, "multiclass")
     torch.manual_seed(3)
     with torch.no_grad():
         target = model(x)
@@ -150,13 +153,12 @@ def test_maadvt_multilabel_per_finding_weights():
 
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
 @pytest.mark.parametrize("make", [
-    lambda: TRADES(PGD(8 / 255, steps=2, random_start="normal"), beta=1.0),
-    lambda: MisclassificationAwareAT(PGD(8 / 255, steps=2), beta=6.0),
-    lambda: MPAdvT(TRAIN_PGD, [{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}]),
-    lambda: MPAdvT(TRAIN_PGD, [{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}],
-                   mode="all_levels", clean_weight=0.3),
-    lambda: MPAdvT(TRAIN_PGD, [], mode="released", p_adv=1.0, steps_max=2),
-    lambda: AdversarialTraining({"n": NFGSM(8 / 255)}),
+    lambda: TRADES(attack=attack_from_config("pgd", eps=8 / 255, steps=2, random_start="normal"), beta=1.0, name="trades"),
+    lambda: MisclassificationAwareAT(attack=attack_from_config("pgd", eps=8 / 255, steps=2), beta=6.0, name="mart"),
+    lambda: MPAdvT(TRAIN_PGD, [{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}], **MPADVT),
+    lambda: MPAdvT(TRAIN_PGD, [{"eps": "2/255", "steps": 1}, {"eps": "8/255", "steps": 2}], **{**MPADVT, "mode": "all_levels", "clean_weight": 0.3}),
+    lambda: MPAdvT(TRAIN_PGD, [], **{**MPADVT, "mode": "released", "p_adv": 1.0, "steps_max": 2}),
+    lambda: AdversarialTraining(attacks={"n": attack_from_config("n_fgsm", eps=8 / 255, model_mode="eval")}, weights=None, clean_weight=0.0, name="adversarial_training"),
 ])
 def test_defense_loss_finite_and_differentiable(make, task):
     torch.manual_seed(0)
@@ -178,13 +180,13 @@ def test_mpadvt_draws_levels_as_configured():
     levels = [{"eps": "1/255", "steps": 1}, {"eps": "2/255", "steps": 1},
               {"eps": "4/255", "steps": 2}, {"eps": "8/255", "steps": 2}]
     g = torch.Generator().manual_seed(0)
-    uniform = MPAdvT(TRAIN_PGD, levels).draw_levels(40000, g)
+    uniform = MPAdvT(TRAIN_PGD, levels, **MPADVT).draw_levels(40000, g)
     freq = torch.bincount(uniform, minlength=4).float() / 40000
     assert torch.allclose(freq, torch.full((4,), 0.25), atol=0.01)
-    skewed = MPAdvT(TRAIN_PGD, levels, probs=[0, 3, 1, 0]).draw_levels(40000, g)
+    skewed = MPAdvT(TRAIN_PGD, levels, **{**MPADVT, "probs": [0, 3, 1, 0]}).draw_levels(40000, g)
     freq = torch.bincount(skewed, minlength=4).float() / 40000
     assert freq[0] == 0 and freq[3] == 0 and abs(freq[1] - 0.75) < 0.01
-    only = MPAdvT(TRAIN_PGD, levels, probs=[0, 0, 1, 0])
+    only = MPAdvT(TRAIN_PGD, levels, **{**MPADVT, "probs": [0, 0, 1, 0]})
     assert [a.eps for a in only.attacks.values()] == pytest.approx(
         [1 / 255, 2 / 255, 4 / 255, 8 / 255])
     assert [a.steps for a in only.attacks.values()] == [1, 1, 2, 2]
@@ -194,7 +196,7 @@ def test_mpadvt_per_sample_perturbation_matches_drawn_level(monkeypatch):
     torch.manual_seed(0)
     model = small_cnn(3, width=4).eval()
     x, y = torch.rand(16, 3, 12, 12) * 0.5 + 0.25, torch.randint(0, 3, (16,))
-    d = MPAdvT(TRAIN_PGD, [{"eps": "1/255", "steps": 2}, {"eps": "8/255", "steps": 2}])
+    d = MPAdvT(TRAIN_PGD, [{"eps": "1/255", "steps": 2}, {"eps": "8/255", "steps": 2}], **MPADVT)
     draw = torch.tensor([0, 1] * 8)
     monkeypatch.setattr(d, "draw_levels", lambda n, generator=None: draw)
     orig_forward = model.forward
@@ -209,13 +211,13 @@ def test_mpadvt_per_sample_perturbation_matches_drawn_level(monkeypatch):
 
 def test_mpadvt_bad_config():
     with pytest.raises(ValueError, match="levels"):
-        MPAdvT(TRAIN_PGD, [])
+        MPAdvT(TRAIN_PGD, [], **MPADVT)
     with pytest.raises(ValueError, match="levels\\[0\\]"):
-        MPAdvT(TRAIN_PGD, [{"eps": 0.1}])
+        MPAdvT(TRAIN_PGD, [{"eps": 0.1}], **MPADVT)
     with pytest.raises(ValueError, match="mode"):
-        MPAdvT(TRAIN_PGD, [{"eps": 0.1, "steps": 1}], mode="some")
+        MPAdvT(TRAIN_PGD, [{"eps": 0.1, "steps": 1}], **{**MPADVT, "mode": "some"})
     with pytest.raises(ValueError, match="probs"):
-        MPAdvT(TRAIN_PGD, [{"eps": 0.1, "steps": 1}], probs=[0.5, 0.5])
+        MPAdvT(TRAIN_PGD, [{"eps": 0.1, "steps": 1}], **{**MPADVT, "probs": [0.5, 0.5]})
 
 
 def test_n_fgsm_not_projected_but_in_pixel_range():
@@ -223,14 +225,14 @@ def test_n_fgsm_not_projected_but_in_pixel_range():
     model = small_cnn(3, width=4).eval()
     x, y = torch.rand(32, 3, 12, 12) * 0.6 + 0.2, torch.randint(0, 3, (32,))
     eps = 8 / 255
-    x_adv = NFGSM(eps)(model, x, y)
+    x_adv = attack_from_config("n_fgsm", eps=eps, model_mode="eval")(model, x, y)
     delta = (x_adv - x).abs()
     assert delta.max() <= 3 * eps + 1e-6 and delta.max() > eps  # noise 2 eps + step eps
     assert x_adv.min() >= 0 and x_adv.max() <= 1
 
 
 def test_fast_at_step_and_eps_warmup_scale():
-    rs = PGD(8 / 255, steps=1, step_size_rel=1.25)
+    rs = attack_from_config("pgd", eps=8 / 255, steps=1, step_size_rel=1.25)
     assert rs.step_size == pytest.approx(1.25 * 8 / 255)
     half = rs.with_eps(rs.eps * 0.5)  # what a warm-up factor of 0.5 runs
     assert half.eps == pytest.approx(4 / 255) and half.step_size == pytest.approx(1.25 * 4 / 255)
@@ -238,7 +240,7 @@ def test_fast_at_step_and_eps_warmup_scale():
     model = small_cnn(3, width=4).eval()
     x, y = torch.rand(8, 3, 12, 12) * 0.5 + 0.25, torch.randint(0, 3, (8,))
     # the warm-up is a value passed to the call: the defense's attack itself never changes
-    d = AdversarialTraining({"rs": rs})
+    d = AdversarialTraining(attacks={"rs": rs}, weights=None, clean_weight=0.0, name="adversarial_training")
     calls = []
     orig_forward = model.forward
     model.forward = lambda inp: (calls.append(inp), orig_forward(inp))[1]
@@ -249,18 +251,19 @@ def test_fast_at_step_and_eps_warmup_scale():
     assert (rs(model, x, y, eps_scale=0.25) - x).abs().max() <= 2 / 255 + 1e-6
     with pytest.raises(ValueError, match="eps_scale"):
         rs(model, x, y, eps_scale=1.5)
-    fixed = PGD(8 / 255, steps=4, step_size="2/255")
+    fixed = attack_from_config("pgd", eps=8 / 255, steps=4, step_size="2/255")
     assert fixed.with_eps(2 / 255).step_size == pytest.approx(0.5 / 255)
 
 
 def test_mpadvt_levels_need_pgd():
     with pytest.raises(TypeError, match="PGD"):
-        MPAdvT(FGSM(8 / 255), [{"eps": 0.1, "steps": 1}])
+        MPAdvT(attack_from_config("fgsm", eps=8 / 255), [{"eps": 0.1, "steps": 1}], **MPADVT)
 
 
 def _released(**kw):
-    return MPAdvT(TRAIN_PGD.replace(random_start=False), [], mode="released",
-                  **{"eps_min": "1/255", "eps_max": "8/255", "steps_max": 5, **kw})
+    return MPAdvT(attack=TRAIN_PGD.replace(random_start=False), levels=[],
+                  **{**MPADVT, "mode": "released", "eps_min": "1/255", "eps_max": "8/255",
+                     "steps_max": 5, **kw})
 
 
 def test_mpadvt_released_draws():

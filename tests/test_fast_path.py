@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.attacks import PGD
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.defenses import AdversarialTraining
 from lightning_modules.models.backbones import small_cnn
 
@@ -45,7 +45,7 @@ def test_same_adversarial_examples_as_reference(setup, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     eps, steps = 8 / 255, 5
     torch.manual_seed(7)
-    ours = PGD(eps, steps=steps, model_mode="eval")(model, x, y)
+    ours = attack_from_config("pgd", eps=eps, steps=steps, model_mode="eval")(model, x, y)
     torch.manual_seed(7)
     ref = reference_pgd(model, x, y, eps, steps, 2.5 * eps / steps)
     assert torch.allclose(ours, ref, atol=1e-6)
@@ -55,7 +55,7 @@ def test_same_adversarial_examples_as_reference(setup, channels_last):
 def test_parameter_gradients_equal_reference(setup):
     model, x, y = setup
     eps, steps = 8 / 255, 3
-    defense = AdversarialTraining({"pgd": PGD(eps, steps=steps, model_mode="eval")})
+    defense = AdversarialTraining(attacks={"pgd": attack_from_config("pgd", eps=eps, steps=steps, model_mode="eval")}, weights=None, clean_weight=0.0, name="adversarial_training")
     state = copy.deepcopy(model.state_dict())  # the training forward updates BN statistics
     torch.manual_seed(11)
     defense(model, x, y, "multiclass").loss.backward()

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.synthetic import make_synthetic
-from lightning_modules.attacks import GAP
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.attacks.gap import gap_loss, scale_to_ball
 from lightning_modules.core.tasks import Task
 from lightning_modules.evaluation.gap_fit import GAPModule, load_generator, save_generator
@@ -34,7 +34,7 @@ def test_scale_to_ball_is_exact():
 
 @pytest.mark.parametrize("kind", ["image", "universal"])
 def test_gap_output_in_ball_and_pixel_range(kind):
-    gap = GAP(eps=EPS, kind=kind, width=4, blocks=1)
+    gap = attack_from_config("gap", eps=EPS, kind=kind, width=4, blocks=1)
     x = torch.rand(6, 3, 18, 18)  # not a multiple of 4: the generator resizes back
     gen = gap.new_generator(3, 18)
     x_adv = gap.with_generator(gen)(torch.nn.Flatten(), x, torch.zeros(6, dtype=torch.long))
@@ -60,7 +60,7 @@ def test_fitted_gap_beats_random_noise_and_leaves_the_classifier_alone(trained_m
     model, x_test, y_test = trained_model
     before = copy.deepcopy(model.state_dict())
     x, y = make_synthetic(512, 4, image_size=16, signal_amplitude=0.15, seed=3)
-    gap = GAP(eps=EPS, kind="image", width=8, blocks=2, epochs=5, lr=5e-3)
+    gap = attack_from_config("gap", eps=EPS, kind="image", width=8, blocks=2, epochs=5, lr=5e-3)
     gen = gap.new_generator(3, 16)
     torch.manual_seed(0)
     trainer = L.Trainer(max_epochs=gap.epochs, accelerator="cpu", logger=False,

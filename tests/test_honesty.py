@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.attacks import PGD
+from lightning_modules.attacks import PGD, attack_from_config
 from lightning_modules.core.tasks import Task
 from lightning_modules.evaluation.honesty import failed, model_checks, probe_checks, report_checks
+from tests.conftest import attack_kwargs
 
 TASK = Task("multiclass")
 
@@ -115,7 +116,7 @@ def test_checks_with_nothing_to_test_are_left_out():
 
 
 # ----------------------------------------------------------------- attack probes (one batch)
-PGD_REF = PGD(16 / 255, steps=10, model_mode="eval", early_stop=True)
+PGD_REF = attack_from_config("pgd", eps=16 / 255, steps=10, model_mode="eval", early_stop=True)
 
 
 def test_probes_pass_on_an_honest_model_and_attack(trained_model):
@@ -155,6 +156,6 @@ def test_each_probe_fires_when_built_to_trip_it(trained_model, model_wrap, attac
     if model_wrap is not None:
         model = model_wrap(model)
     # at 32/255 Square (1000 queries) fools most of these 16 px images; PGD-10 fools all
-    pgd = attack_cls(32 / 255, steps=10, model_mode="eval", early_stop=True)
+    pgd = attack_cls(**attack_kwargs("pgd", eps=32 / 255, steps=10, early_stop=True))
     checks = probe_checks(model, x, y, TASK, 4, pgd, square_queries=1000, max_images=32)
     assert fires <= _names(checks), checks

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datamodules.synthetic import make_synthetic
-from lightning_modules.attacks import PGD
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.attacks.pgd import draw_findings
 from lightning_modules.core.tasks import Task
 from lightning_modules.models.backbones import small_cnn
@@ -58,7 +58,7 @@ def test_targeted_flips_the_chosen_finding_more_than_the_others(multilabel_model
     with torch.no_grad():
         clean = model(x) > 0
     torch.manual_seed(1)
-    attack = PGD(eps=8 / 255, steps=20, targeted=how)
+    attack = attack_from_config("pgd", eps=8 / 255, steps=20, targeted=how)
     enc = draw_findings(model(x).detach(), how)  # the same draw the attack makes
     torch.manual_seed(1)
     x_adv = attack(model, x, clean.float(), TASK)
@@ -70,7 +70,7 @@ def test_targeted_flips_the_chosen_finding_more_than_the_others(multilabel_model
     rate_others = flips[~chosen].float().mean().item()
     assert rate_chosen > 0.3 and rate_chosen > 3 * rate_others, (rate_chosen, rate_others)
     # one finding given by index: every image acts on it
-    x_one = PGD(eps=8 / 255, steps=20, targeted=how, finding=2)(model, x, clean.float(), TASK)
+    x_one = attack_from_config("pgd", eps=8 / 255, steps=20, targeted=how, finding=2)(model, x, clean.float(), TASK)
     with torch.no_grad():
         flips = (model(x_one) > 0) != clean
     acting = ~clean[:, 2] if how == "add" else clean[:, 2]
@@ -79,7 +79,7 @@ def test_targeted_flips_the_chosen_finding_more_than_the_others(multilabel_model
 
 def test_untargeted_multilabel_pgd_changes_finding_sets(multilabel_model):
     model, x, y = multilabel_model
-    x_adv = PGD(eps=8 / 255, steps=10)(model, x, y, TASK)
+    x_adv = attack_from_config("pgd", eps=8 / 255, steps=10)(model, x, y, TASK)
     with torch.no_grad():
         changed = ((model(x_adv) > 0) != (model(x) > 0)).any(dim=1).float().mean()
     assert changed > 0.5
@@ -88,9 +88,9 @@ def test_untargeted_multilabel_pgd_changes_finding_sets(multilabel_model):
 def test_targeted_options_are_checked_per_task(trained_model):
     model, x, y = trained_model
     with pytest.raises(ValueError, match="not for multiclass"):
-        PGD(eps=8 / 255, targeted="hide")(model, x[:4], y[:4])
+        attack_from_config("pgd", eps=8 / 255, targeted="hide")(model, x[:4], y[:4])
     with pytest.raises(ValueError, match="finding="):
-        PGD(eps=8 / 255, targeted="random", finding=1)
-    assert PGD(targeted="hide").tasks == ("multilabel",)
-    assert PGD(targeted="random").tasks == PGD(loss="margin").tasks == ("multiclass",)
-    assert set(PGD().tasks) == {"multiclass", "multilabel"}
+        attack_from_config("pgd", eps=8 / 255, targeted="random", finding=1)
+    assert attack_from_config("pgd", targeted="hide").tasks == ("multilabel",)
+    assert attack_from_config("pgd", targeted="random").tasks == attack_from_config("pgd", loss="margin").tasks == ("multiclass",)
+    assert set(attack_from_config("pgd").tasks) == {"multiclass", "multilabel"}

@@ -148,7 +148,7 @@ def test_last_checkpoint_every_n_steps(tmp_path):
     ckpt = torch.load(_run_folder(log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and resume.CKPT_KEY in ckpt
     with pytest.raises(ValueError, match="every_n_train_steps=0"):
-        resume.ResumeState(every_n_train_steps=0)
+        resume.ResumeState(last_ckpt=None, every_n_train_steps=0)
 
 
 def test_sigterm_before_training_is_one_line(tmp_path, capfd):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.attacks import FGSM, PGD
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.evaluation.engine import RobustEvaluator
 
 
 def _suite(eps: float = 16 / 255):
     # deterministic and per-sample independent: the cascade must then change nothing but cost
-    return {"fgsm": FGSM(eps), "pgd": PGD(eps, steps=5, random_start=False)}
+    return {"fgsm": attack_from_config("fgsm", eps=eps), "pgd": attack_from_config("pgd", eps=eps, steps=5, random_start=False)}
 
 
 def test_cascade_gives_the_same_worst_case_and_attacks_fewer_images(trained_model):

@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from datamodules import from_config
 from lightning_modules.training.selection import chance_level, eligibility
 from tests import layouts
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import CONF, FAST, compose_cfg
 from train import train
+
+RULE = dict(OmegaConf.load(CONF / "module" / "default.yaml").eligibility)  # the configured rule
 
 
 def test_chance_levels():
@@ -25,14 +28,14 @@ def test_chance_levels():
 
 def test_degenerate_epochs_are_not_eligible():
     # a model that predicts one class: balanced accuracy 1/K, every prediction the same class
-    ok, why = eligibility("multiclass", 4, 0.25, torch.tensor([0, 0, 32, 0]))
+    ok, why = eligibility("multiclass", 4, 0.25, torch.tensor([0, 0, 32, 0]), **RULE)
     assert not ok and "chance" in why
     # clearly above chance, but 97% of the predictions in one class
-    ok, why = eligibility("multiclass", 4, 0.40, torch.tensor([1, 0, 97, 2]))
+    ok, why = eligibility("multiclass", 4, 0.40, torch.tensor([1, 0, 97, 2]), **RULE)
     assert not ok and "97.0%" in why and "class 2" in why
-    assert eligibility("multiclass", 4, 0.40, torch.tensor([20, 30, 40, 10]))[0]
-    assert not eligibility("multilabel", 5, 0.51, None)[0]  # AUROC near 0.5
-    assert eligibility("multilabel", 5, 0.70, None)[0]
+    assert eligibility("multiclass", 4, 0.40, torch.tensor([20, 30, 40, 10]), **RULE)[0]
+    assert not eligibility("multilabel", 5, 0.51, None, **RULE)[0]  # AUROC near 0.5
+    assert eligibility("multilabel", 5, 0.70, None, **RULE)[0]
 
 
 def _epochs(run: dict) -> list[dict]:

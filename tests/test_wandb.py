@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 
-from lightning_modules.attacks import PGD
+from lightning_modules.attacks import attack_from_config
 from lightning_modules.core.tasks import Task
 from lightning_modules.training.wandb_panels import (
     COLUMNS,
@@ -33,7 +33,7 @@ NAMES_SYNTHETIC = [f"stripes_{i * 45}deg" for i in range(4)]  # datamodule=synth
 def test_rows_hold_images_in_unit_range_and_what_the_attack_did(trained_model):
     model, x, y = trained_model
     x, y, eps = x[:32], y[:32], 8 / 255
-    rows = adversarial_examples(model, PGD(eps, steps=10), Task("multiclass"), x, y, NAMES)
+    rows = adversarial_examples(model, attack_from_config("pgd", eps=eps, steps=10), Task("multiclass"), x, y, NAMES)
     assert len(rows) == 32 and all(set(r) == set(COLUMNS) - {"epoch"} for r in rows)
     for i, r in enumerate(rows):
         for col in ("clean", "adversarial", "perturbation"):
@@ -50,7 +50,7 @@ def test_rows_hold_images_in_unit_range_and_what_the_attack_did(trained_model):
 def test_multilabel_rows_name_the_findings():
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
     y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
-    rows = adversarial_examples(net, PGD(4 / 255, steps=2), Task("multilabel"),
+    rows = adversarial_examples(net, attack_from_config("pgd", eps=4 / 255, steps=2), Task("multilabel"),
                                 torch.rand(2, 3, 8, 8), y, ["x", "y", "z"])
     assert [r["label"] for r in rows] == ["x, z", "none"]
 
@@ -121,5 +121,5 @@ def test_a_failed_fit_finishes_its_run(tmp_path, monkeypatch):
         is_global_zero = True
 
     wandb.init(project="medrobust-test", dir=str(tmp_path))
-    AdversarialExamplesTable().on_exception(Trainer(), None, RuntimeError("boom"))
+    AdversarialExamplesTable(n_images=16, every_n_epochs=0, key="examples/adversarial").on_exception(Trainer(), None, RuntimeError("boom"))
     assert wandb.run is None

@@ -72,9 +72,8 @@ class AutoAttack(Attack):
     name = "autoattack"
     tasks = ("multiclass",)
 
-    def __init__(self, eps: float | str = 8 / 255, norm: str = "linf",
-                 components: list[str] | None = None, max_targets: int = 9,
-                 square_queries: int = 5000, seed: int = 0, model_mode: str = "eval") -> None:
+    def __init__(self, eps: float | str, norm: str, components: list[str] | None,
+                 max_targets: int, square_queries: int, seed: int, model_mode: str) -> None:
         super().__init__(eps=eps, norm=norm, model_mode=model_mode)
         if components is not None:
             unknown = sorted(set(components) - set(KNOWN))

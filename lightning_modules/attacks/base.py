@@ -61,8 +61,7 @@ class Attack:
     name = "attack"
     tasks: tuple[str, ...] = ("multiclass", "multilabel")  # the tasks it can attack
 
-    def __init__(self, eps: float | str = 8 / 255, norm: str = "linf",
-                 model_mode: str = "eval") -> None:
+    def __init__(self, eps: float | str, norm: str, model_mode: str) -> None:
         if model_mode not in MODES:
             raise ValueError(f"model_mode={model_mode!r} must be one of {MODES}")
         self.threat: ThreatModel = make_threat(norm, eps)

@@ -20,16 +20,15 @@ class FGSM(PGD):
 
     With ``norm="l2"`` this is the fast gradient method (one normalised step of length eps).
     ``random_start`` is off, as published; for FGSM with random start (Wong et al. 2020) use
-    ``PGD(steps=1, step_size_rel=1.25)`` (``conf/attack/rs_fgsm.yaml``).
+    ``conf/attack/rs_fgsm.yaml`` (PGD with one step of 1.25 eps).
     """
 
     name = "fgsm"
 
-    def __init__(
-        self, eps: float | str = 8 / 255, norm: str = "linf", model_mode: str = "eval"
-    ) -> None:
-        super().__init__(eps=eps, steps=1, norm=norm, random_start=False, restarts=1,
-                         model_mode=model_mode, step_size_rel=1.0)
+    def __init__(self, eps: float | str, norm: str, model_mode: str) -> None:
+        super().__init__(eps=eps, steps=1, step_size=None, norm=norm, random_start=False,
+                         restarts=1, model_mode=model_mode, step_size_rel=1.0,
+                         early_stop=False, loss="task", targeted=None, finding=None)
 
     _kwargs = Attack._kwargs  # FGSM takes only eps, norm and model_mode
 
@@ -48,9 +47,8 @@ class NFGSM(Attack):
 
     name = "n_fgsm"
 
-    def __init__(self, eps: float | str = 8 / 255, noise_mult: float = 2.0,
-                 step_size_rel: float = 1.0, norm: str = "linf",
-                 model_mode: str = "eval") -> None:
+    def __init__(self, eps: float | str, noise_mult: float, step_size_rel: float, norm: str,
+                 model_mode: str) -> None:
         super().__init__(eps=eps, norm=norm, model_mode=model_mode)
         if self.norm != "linf":
             raise ValueError(f"n_fgsm supports norm='linf' only, got norm={norm!r}")

@@ -124,10 +124,9 @@ class GAP(Attack):
 
     name = "gap"
 
-    def __init__(self, eps: float | str = 8 / 255, norm: str = "linf", kind: str = "image",
-                 width: int = 16, blocks: int = 3, epochs: int = 2, lr: float = 2e-4,
-                 max_batches: int | None = None, path: str | None = None,
-                 model_mode: str = "eval", generator: nn.Module | None = None) -> None:
+    def __init__(self, eps: float | str, norm: str, kind: str, width: int, blocks: int,
+                 epochs: int, lr: float, max_batches: int | None, path: str | None,
+                 model_mode: str, generator: nn.Module | None = None) -> None:
         super().__init__(eps=eps, norm=norm, model_mode=model_mode)
         if kind not in KINDS:
             raise ValueError(f"GAP kind={kind!r} must be one of {KINDS}")

@@ -116,18 +116,18 @@ class PGD(Attack):
 
     def __init__(
         self,
-        eps: float | str = 8 / 255,
-        steps: int = 10,
-        step_size: float | str | None = None,
-        norm: str = "linf",
-        random_start: bool | str = True,
-        restarts: int = 1,
-        model_mode: str = "eval",
-        step_size_rel: float | None = None,
-        early_stop: bool = False,
-        loss: str = "task",
-        targeted: str | None = None,
-        finding: int | None = None,
+        eps: float | str,
+        steps: int,
+        step_size: float | str | None,
+        norm: str,
+        random_start: bool | str,
+        restarts: int,
+        model_mode: str,
+        step_size_rel: float | None,
+        early_stop: bool,
+        loss: str,
+        targeted: str | None,
+        finding: int | None,
     ) -> None:
         super().__init__(eps=eps, norm=norm, model_mode=model_mode)
         if loss not in LOSSES:

@@ -3,6 +3,7 @@ OmegaConf resolvers of eps fractions."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -10,7 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.core.errors import ConfigError, root_cause
 
-__all__ = ["instantiate_node", "instantiate_dict", "register_resolvers"]
+__all__ = ["CONF_DIR", "compose_file", "instantiate_node", "instantiate_dict",
+           "register_resolvers"]
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the project's Hydra configs
 
 
 def instantiate_node(cfg: DictConfig, key: str, drop: tuple[str, ...] = (), **kwargs: Any) -> Any:
@@ -56,3 +60,22 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver(
             "mul", lambda v, k: parse_eps(v, "eps") * parse_eps(k, "factor"))
+
+
+def compose_file(path: Path) -> DictConfig:
+    """A YAML file of ``conf/`` merged with the same-group files of its defaults list (what
+    Hydra composes for one group option, without Hydra: for library use and tests)."""
+    raw = OmegaConf.load(path)
+    defaults = list(raw.pop("defaults", None) or ["_self_"])
+    out = OmegaConf.create()
+    for entry in defaults:
+        if entry == "_self_":
+            out = OmegaConf.merge(out, raw)
+            continue
+        name, _, package = str(entry).partition("@")
+        if package not in ("", "_here_") or not isinstance(entry, str):
+            raise ValueError(f"{path}: unsupported defaults entry {entry!r}")
+        out = OmegaConf.merge(out, compose_file(path.parent / f"{name}.yaml"))
+    if "_self_" not in defaults:
+        out = OmegaConf.merge(out, raw)
+    return out

@@ -42,9 +42,9 @@ class AdversarialTraining(Defense):
     def __init__(
         self,
         attacks: Mapping[str, Attack],
-        weights: Mapping[str, float] | None = None,
-        clean_weight: float = 0.0,
-        name: str = "adversarial_training",
+        weights: Mapping[str, float] | None,
+        clean_weight: float,
+        name: str,
     ) -> None:
         if not attacks:
             raise ValueError("defense.attacks is empty: give at least one attack")

@@ -50,7 +50,7 @@ class Defense:
 class NoDefense(Defense):
     """Standard (empirical risk minimisation) training on clean images: no attack at all."""
 
-    def __init__(self, name: str = "none") -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
 
     def __call__(

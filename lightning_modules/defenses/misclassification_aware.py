@@ -60,7 +60,7 @@ def misclassification_aware_loss(logits_clean: torch.Tensor, logits_adv: torch.T
 class MisclassificationAwareAT(Defense):
     """Args: attack (crafts x' with the task loss), beta >= 0 (6 in MART), name."""
 
-    def __init__(self, attack: Attack, beta: float = 6.0, name: str = "mart") -> None:
+    def __init__(self, attack: Attack, beta: float, name: str) -> None:
         if beta < 0:
             raise ValueError(f"defense.beta={beta} must be >= 0")
         self.attacks = {"adv": attack}

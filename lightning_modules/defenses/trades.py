@@ -28,7 +28,7 @@ __all__ = ["TRADES"]
 class TRADES(Defense):
     """Args: attack (its loss is replaced by the KL to the clean prediction), beta >= 0."""
 
-    def __init__(self, attack: Attack, beta: float = 6.0, name: str = "trades") -> None:
+    def __init__(self, attack: Attack, beta: float, name: str) -> None:
         if beta < 0:
             raise ValueError(f"defense.beta={beta} must be >= 0")
         self.attacks = {"kl": attack}

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_modules.attacks import PGD, attack_mode
+from lightning_modules.attacks.config import attack_from_config
 from lightning_modules.core.tasks import Task
 
 __all__ = ["Check", "report_checks", "model_checks", "probe_checks", "failed"]
@@ -181,7 +182,6 @@ def probe_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
       Square attack is not two images *below* the white-box attacks; a black-box attack that
       beats gradients means the gradients are masked (Croce & Hein 2020).
     """
-    from lightning_modules.attacks import AutoAttack
 
     x, y = x[:max_images], y[:max_images]
     n = x.shape[0]
@@ -203,8 +203,7 @@ def probe_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
                      f"x{stronger.restarts} {acc_strong:.4f} at {pgd.norm} eps {pgd.eps:.4g} "
                      f"({n} images)"))
     if task.single_label and square_queries:
-        square = AutoAttack(eps=pgd.eps, norm=pgd.norm, components=["square"],
-                            square_queries=square_queries)
+        square = attack_from_config("autoattack", eps=pgd.eps, norm=pgd.norm, components=["square"], square_queries=square_queries)
         acc_sq = _robust_acc(model, square, x, y, task)
         white = min(acc, acc_strong)
         out.append(Check("square_not_above_white_box", acc_sq >= white - tol,

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_modules.attacks import FGSM, PGD
+from lightning_modules.attacks.config import attack_from_config
 from lightning_modules.core.tensors import to_memory_format
 
 __all__ = ["CatastrophicOverfittingMonitor"]
@@ -35,8 +35,8 @@ class CatastrophicOverfittingMonitor(Callback):
         action: ``warn``, ``stop`` or ``restore``.
     """
 
-    def __init__(self, eps: float | str | None = None, pgd_steps: int = 10,
-                 n_samples: int = 256, min_drop: float = 0.2, action: str = "restore") -> None:
+    def __init__(self, eps: float | str | None, pgd_steps: int, n_samples: int, min_drop: float,
+                 action: str) -> None:
         if action not in ACTIONS:
             raise ValueError(f"callbacks.co_monitor.action={action!r} must be one of {ACTIONS}")
         if not 0 < min_drop <= 1:
@@ -62,8 +62,8 @@ class CatastrophicOverfittingMonitor(Callback):
         self._batch = (torch.cat(xs)[: self.n_samples], torch.cat(ys)[: self.n_samples])
         val_attack = pl_module.val_attack
         eps = val_attack.eps if self.eps is None else self.eps
-        self.pgd = PGD(eps, steps=self.pgd_steps, norm=val_attack.norm, random_start=False)
-        self.fgsm = FGSM(eps, norm=val_attack.norm)
+        self.pgd = attack_from_config("pgd", eps=eps, steps=self.pgd_steps, norm=val_attack.norm, random_start=False)
+        self.fgsm = attack_from_config("fgsm", eps=eps, norm=val_attack.norm)
 
     def measure(self, pl_module: L.LightningModule) -> tuple[float, float]:
         """(PGD accuracy, FGSM accuracy) of the current weights on the fixed batch."""

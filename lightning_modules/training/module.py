@@ -125,14 +125,14 @@ class RobustClassifier(L.LightningModule):
         task: str,
         num_classes: int,
         optimizer: Any,
-        scheduler: Any = None,
-        train_clean_metrics: bool = True,
-        class_names: list[str] | None = None,
-        eps_warmup_epochs: float = 0.0,
-        channels_last: bool = False,
-        compile: bool = False,
-        class_weights: list[float] | None = None,
-        eligibility: dict | None = None,
+        scheduler: Any,
+        train_clean_metrics: bool,
+        class_names: list[str] | None,
+        eps_warmup_epochs: float,
+        channels_last: bool,
+        compile: bool,
+        class_weights: list[float] | None,
+        eligibility: dict,
     ) -> None:
         super().__init__()
         # Only plain values go into checkpoints (they load with torch.load(weights_only=True)).
@@ -164,7 +164,7 @@ class RobustClassifier(L.LightningModule):
             for stage in ("val", "test")})
         self.val_score_best = MaxMetric()
         self.sel_robust_best = MaxMetric()  # the best robust score of an eligible epoch
-        self.eligibility_rule = dict(eligibility or {})
+        self.eligibility_rule = dict(eligibility)
         self.ineligible_epochs: dict[int, str] = {}  # epoch -> why it cannot be selected
         if eps_warmup_epochs < 0:
             raise ValueError(f"module.eps_warmup_epochs={eps_warmup_epochs} must be >= 0")

@@ -231,7 +231,7 @@ class ResumeState(Callback):
     are gathered and each rank gets its own back.
     """
 
-    def __init__(self, last_ckpt: str | None = None, every_n_train_steps: int | None = None,
+    def __init__(self, last_ckpt: str | None, every_n_train_steps: int | None,
                  seed: int | None = None) -> None:
         if every_n_train_steps is not None and (not isinstance(every_n_train_steps, int)
                                                 or every_n_train_steps < 1):

@@ -31,8 +31,8 @@ INELIGIBLE = -1.0
 
 
 def eligibility(task: str, num_classes: int, clean_score: float,
-                predicted_counts: torch.Tensor | None, max_class_share: float = 0.95,
-                min_above_chance: float = 0.02) -> tuple[bool, str]:
+                predicted_counts: torch.Tensor | None, *, max_class_share: float,
+                min_above_chance: float) -> tuple[bool, str]:
     """``(eligible, reason)`` for one validation epoch; ``predicted_counts`` holds the number
     of clean predictions per class (single-label) or is ``None``."""
     chance = chance_level(task, num_classes)

@@ -92,8 +92,7 @@ class AdversarialExamplesTable(Callback):
         key: the wandb key of the table.
     """
 
-    def __init__(self, n_images: int = 16, every_n_epochs: int = 0,
-                 key: str = "examples/adversarial") -> None:
+    def __init__(self, n_images: int, every_n_epochs: int, key: str) -> None:
         if n_images < 1 or every_n_epochs < 0:
             raise ValueError(f"n_images={n_images} must be >= 1 and every_n_epochs="
                              f"{every_n_epochs} >= 0")
