@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from lightning_modules.attacks import Attack, attack_from_config, parse_eps
+from lightning_modules.attacks import Attack, parse_eps
 from lightning_modules.core.config import instantiate_node
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.defenses import Defense
@@ -224,18 +224,6 @@ def test_datamodule_defaults_live_in_one_place(option):
         for base in bases:
             if key in base:
                 assert base[key] != value, f"{option}.yaml restates {key}={value!r} from its base"
-
-
-def test_worst_case_groups_one_threat_model():
-    from lightning_modules.evaluation.module import grid_cells
-
-    cells, worst = grid_cells({"fgsm": attack_from_config("fgsm", eps=0), "pgd": attack_from_config("pgd", eps=0)}, [0, 8 / 255])
-    assert set(cells) == {"fgsm@0", "pgd@0", "fgsm@8/255", "pgd@8/255"}
-    assert worst == {"worst@8/255": ["fgsm@8/255", "pgd@8/255"]}  # none at eps 0
-    _, mixed = grid_cells({"fgsm": attack_from_config("fgsm", eps=0), "pgd": attack_from_config("pgd", eps=0), "pgd_l2": attack_from_config("pgd", eps=0, norm="l2"),
-                           "fgsm_l2": attack_from_config("fgsm", eps=0, norm="l2")}, [0.5])
-    assert mixed == {"worst-l2@0.5": ["pgd_l2@0.5", "fgsm_l2@0.5"],
-                     "worst-linf@0.5": ["fgsm@0.5", "pgd@0.5"]}
 
 
 EXPERIMENTS = options("experiment")

@@ -87,6 +87,8 @@ def test_fitted_gap_beats_random_noise_and_leaves_the_classifier_alone(trained_m
     assert torch.equal(gap.with_generator(loaded)(model, x_test, y_test),
                        attack(model, x_test, y_test))
     assert load_generator(tmp_path / "g.pt", gap.replace(width=4), 3, 16) is None
+    # a generator fitted at one radius is not reused at another
+    assert load_generator(tmp_path / "g.pt", gap.with_eps(gap.eps / 2), 3, 16) is None
     save_generator(tmp_path / "h.pt", gen, gap, {}, against={"checkpoint": "a.ckpt"})
     assert load_generator(tmp_path / "h.pt", gap, 3, 16, {"checkpoint": "a.ckpt"}) is not None
     assert load_generator(tmp_path / "h.pt", gap, 3, 16, {"checkpoint": "b.ckpt"}) is None

@@ -128,6 +128,8 @@ def format_eps(eps: float) -> str:
     """``8/255`` for multiples of 1/255, else the number (``0.5``)."""
     if eps == 0:
         return "0"
+    if float(eps).is_integer():
+        return str(int(eps))  # an L2 radius of 1, not "255/255"
     k = eps * 255.0
     if math.isclose(k, round(k), abs_tol=1e-6):
         return f"{round(k)}/255"

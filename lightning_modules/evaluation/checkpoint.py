@@ -92,34 +92,39 @@ def build_network(train_cfg: DictConfig, ckpt: dict) -> nn.Module:
 
 def inherit_threat(cfg: DictConfig, train_cfg: DictConfig) -> dict[str, Any]:
     """Fill ``cfg.threat.norm`` / ``cfg.threat.eps`` left ``null`` from the checkpoint's
-    training threat, and ``eps_grid: null`` from the norm's grid in ``cfg.eps_grids`` (with the
-    training radius added when the norm is the training one). Returns what the report states: the evaluation threat, the training one,
+    training threat (eps only when the norm is the training one; under another norm the largest
+    radius of its grid), and ``eps_grid: null`` from the norm's grid in ``cfg.eps_grids`` with
+    ``threat.eps`` added. Returns what the report states: the evaluation threat, the training one,
     and where each key came from; a norm other than the training one is said there."""
     trained = OmegaConf.to_container(train_cfg.get("threat") or {}, resolve=True)
     threat = cfg.get("threat") or {}
+    grids = cfg.get("eps_grids") or {}
     source = {}
     with open_dict(cfg):
         if cfg.get("threat") is None:
             cfg.threat = {}
-        for key in ("norm", "eps"):
-            if threat.get(key) is None:
-                if trained.get(key) is None:
-                    raise ConfigError(f"threat.{key} is null and the checkpoint stores no "
-                                      f"training threat.{key}: set threat.{key}")
-                cfg.threat[key] = trained[key]
-                source[key] = "checkpoint"
-            else:
-                source[key] = "config"
+        if threat.get("norm") is None:
+            if trained.get("norm") is None:
+                raise ConfigError("threat.norm is null and the checkpoint stores no training "
+                                  "threat: set threat.norm")
+            cfg.threat.norm, source["norm"] = trained["norm"], "checkpoint"
+        else:
+            source["norm"] = "config"
         norm = str(cfg.threat.norm)
-        grids = cfg.get("eps_grids") or {}
         if norm not in grids:
             raise ConfigError(f"threat.norm={norm!r} must be one of {sorted(grids)} "
                               "(the norms of eps_grids)")
+        default_grid = [parse_eps(e, f"eps_grids.{norm}") for e in grids[norm]]
+        if threat.get("eps") is not None:
+            source["eps"] = "config"
+        elif norm == trained.get("norm") and trained.get("eps") is not None:
+            cfg.threat.eps, source["eps"] = trained["eps"], "checkpoint"
+        else:  # another norm than training: its radius means nothing here
+            cfg.threat.eps, source["eps"] = max(default_grid), f"largest of eps_grids.{norm}"
         if cfg.get("eps_grid") is None:
-            grid = [parse_eps(e, f"eps_grids.{norm}") for e in grids[norm]]
             eps = parse_eps(cfg.threat.eps, "threat.eps")
-            if norm == trained.get("norm") and not any(abs(eps - g) < 1e-9 for g in grid):
-                grid = sorted(grid + [eps])
+            grid = default_grid if any(abs(eps - g) < 1e-9 for g in default_grid) \
+                else sorted([*default_grid, eps])
             cfg.eps_grid = grid
             source["eps_grid"] = f"default for {norm}"
         else:

@@ -121,6 +121,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"{report.get('devices')} device(s); software: " + ", ".join(
             f"{k} {v}" for k, v in (report.get("software") or {}).items() if v),
         f"- chance level: {score} {report['chance'][score]:.4f} (a constant predictor)",
+        *([f"- **threat model**: {report['threat_model']['note']}"]
+          if (report.get("threat_model") or {}).get("note") else []),
         "",
         reading(report),
         "",
