@@ -1,5 +1,5 @@
-"""Common corruptions (datamodules/corruptions.py) and their benchmark
-(lightning_modules/analysis/corruption.py): severity, dtype, range and seeds; CE / mCE and the
+"""Common corruptions (lightning_modules/evaluation/corruptions/images.py) and their benchmark
+(lightning_modules/evaluation/corruptions/benchmark.py): severity, dtype, range and seeds; CE / mCE and the
 flip probability against hand-computed examples."""
 
 from __future__ import annotations

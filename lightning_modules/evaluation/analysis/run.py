@@ -220,7 +220,7 @@ def _examples(plt, x, x_adv, y, clean, fooled, task: Task, names, attack: str, o
 def analyses_for_report(options: Any, net, datamodule, split: str, task: str, num_classes: int,
                         attacks: dict, eps_grid: list[float], class_names, out_dir: Path,
                         seed: int) -> dict[str, Any]:
-    """The second study's analyses (lightning_modules/analysis) on a seeded random sample of
+    """The second study's analyses (lightning_modules/evaluation/analysis) on a seeded random sample of
     ``evaluation.analysis_images`` images of the split, with the untargeted PGD and GAP
     attacks at the largest radius; figures in ``<output dir>/analyses/``."""
     eps = max(eps_grid)
