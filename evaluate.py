@@ -5,15 +5,11 @@
     python evaluate.py ckpt_path=... 'eps_grid=[0,2/255,4/255]' attacks.pgd.restarts=3
     python evaluate.py ckpt_path=... trainer=ddp trainer.devices=4 trainer.precision=bf16-mixed
 
-The checkpoint carries its training config (data, backbone, task, threat): the evaluation's
-threat model is the training one unless ``threat.norm`` / ``threat.eps`` are given (the report
-says so when the norm differs). ``+datamodule.*`` keys override the stored datamodule. The
-attacks are the ``conf/attack`` nodes the ``evaluation`` preset mounts under ``attacks``; each
-runs at every eps of ``eps_grid`` through a Lightning ``Trainer`` built from the ``trainer``
-group (:class:`~lightning_modules.evaluation.module.EvaluationModule`). Report in
-``<run dir>/eval/<checkpoint name>/`` (``report.json``, ``.csv``, ``.md``, a plot):
-``lightning_modules/evaluation/writer.py``. A list of checkpoints or a run folder gets one
-report each and a comparison (``lightning_modules/evaluation/comparison.py``).
+The checkpoint carries its training config: data, network, and the threat model the attacks use
+unless ``threat.*`` is given. The ``evaluation`` preset mounts ``conf/attack`` nodes under
+``attacks``; each runs at every eps of ``eps_grid`` through a Lightning ``Trainer``. The report
+goes to ``<run dir>/eval/<checkpoint name>/``; several checkpoints also get a comparison. The
+pieces: ``lightning_modules/evaluation/``.
 """
 
 from __future__ import annotations
@@ -35,12 +31,11 @@ from lightning_modules.core.errors import ConfigError, exit_on_config_error
 from lightning_modules.core.threat import parse_eps
 from lightning_modules.evaluation import checkpoint as ckpts
 from lightning_modules.evaluation.analysis.run import analyses_for_report
-from lightning_modules.evaluation.assemble import assemble_report, honesty_checks
+from lightning_modules.evaluation.assemble import assemble_report, honesty_checks, stop_if_failed
 from lightning_modules.evaluation.comparison import comparison_rows, write_comparison
 from lightning_modules.evaluation.corruptions.benchmark import corruption_benchmark
 from lightning_modules.evaluation.corruptions.images import set_for_datamodule
 from lightning_modules.evaluation.gap_fit import prepare_gap
-from lightning_modules.evaluation.honesty import failed
 from lightning_modules.evaluation.module import EvaluationModule, build_attacks, resume_signature
 from lightning_modules.evaluation.wandb_log import log_report
 from lightning_modules.evaluation.writer import summary_markdown, write_report
@@ -74,9 +69,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     cascade = bool(options.cascade) and task == "multiclass"
     if split not in ("val", "test"):
         raise ConfigError(f"split={split!r} must be 'val' or 'test'")
-    ckpt_file = Path(cfg.ckpt_path).resolve()  # one folder per checkpoint: no overwriting
-    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else \
-        ckpt_file.parent.parent / "eval" / ckpt_file.stem
+    out_dir = ckpts.report_dir(cfg.ckpt_path, cfg.get("output_dir"))
     gap_info = prepare_gap(cfg, attacks, net, task, train_cfg, datamodule, out_dir, ckpt)
     n_split = datamodule.take_subset(split, cfg.get("subset"), seed)
     class_names = list(getattr(datamodule, "class_names", None) or []) or None
@@ -114,19 +107,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             spec, net, str(set_name), datamodule, split, task, num_classes, seed, out_dir,
             load_baseline=_baseline)
     rep.checks = [c.as_dict() for c in checks]
-    for c in failed(checks):
-        log.warning("honesty check failed: %s: %s", c.check, c.detail)
     rep.wall_time_s, rep.output_dir = round(time.perf_counter() - start, 1), str(out_dir)
     report = rep.as_dict()
     if trainer.is_global_zero:
         write_report(report, out_dir)
         log_report(cfg, report, out_dir)
         shutil.rmtree(out_dir / "partial", ignore_errors=True)  # the report holds it all now
-    bad = failed(checks)
-    if bad and options.strict:
-        raise ConfigError(f"evaluation.strict=true and {len(bad)} honesty check(s) failed: "
-                          + "; ".join(f"{c.check} ({c.detail})" for c in bad)
-                          + f"; report kept in {out_dir}")
+    if options.strict:
+        stop_if_failed(checks, out_dir)
     return report
 
 

@@ -29,13 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_modules.core.config import register_resolvers
 from lightning_modules.core.errors import ConfigError, exit_on_config_error
 from lightning_modules.core.io import write_json
-from lightning_modules.core.tasks import chance_level
-from lightning_modules.core.threat import format_eps, parse_eps
 from lightning_modules.training import jobs, resume
 from lightning_modules.training.build import build
 from lightning_modules.training.checks import check_resume, check_values
 from lightning_modules.training.selection import checkpoint_paths, choose_checkpoint
-from lightning_modules.training.summary import seeds_used, skipped_images, summary_table
+from lightning_modules.training.summary import run_record, seeds_used, summary_table
 from lightning_modules.training.wandb_panels import group_runs_by_sweep
 
 log = logging.getLogger("medrobust.train")
@@ -107,31 +105,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith("test/")}
 
-    val_attack = module.val_attack
-    threat = {"norm": str(cfg.threat.norm), "eps": parse_eps(cfg.threat.eps, "threat.eps")}
-    threat["eps_str"] = format_eps(threat["eps"])
-    result = {
-        "task_name": cfg.get("task_name"),
-        "defense": module.defense.describe(),
-        "val_attack": val_attack.describe(),
-        "threat": threat,  # the training threat (conf/threat)
-        # the validation/test attack's, when attack.* makes it differ from the training threat
-        "val_threat": None if (val_attack.norm, val_attack.eps) == (threat["norm"], threat["eps"])
-        else {"norm": val_attack.norm, "eps": val_attack.eps, "eps_str": format_eps(val_attack.eps)},
-        "seed": cfg.get("seed"),
-        "seeds": seeds,
-        "resumes": list(state_cb.history) if state_cb is not None else [],
-        "test": test_metrics,
-        "val": {k: v for k, v in fit_metrics.items() if k.startswith("val/")},
-        "chance": {module.score_key: chance_level(module.task_name, module.hparams.num_classes)},
-        "selection": chosen,
-        "best_checkpoint": chosen["checkpoint"],  # the checkpoint tested
-        "checkpoints": checkpoints,
-        "last_checkpoint": checkpoints.get("last", ""),
-        "output_dir": str(out_dir),
-        "skipped_images": skipped_images(datamodule),
-        "wall_time_s": round(time.perf_counter() - start, 1),
-    }
+    result = run_record(cfg, module, datamodule, seeds, state_cb, test_metrics, fit_metrics,
+                        chosen, checkpoints, out_dir, time.perf_counter() - start)
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", result)
         if cfg.get("print_summary", True):

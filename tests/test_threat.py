@@ -71,3 +71,23 @@ def test_training_eps_joins_the_default_grid(l2_run, tmp_path):
     assert report["threat_model"]["eps_grid"] == ["0", "0.25", "0.3", "0.5", "1"]
     assert report["threat_model"]["source"]["eps"] == "config"
     assert report["attacks"]["pgd"]["eps"] == pytest.approx(0.3)
+
+
+def test_checkpoint_written_before_the_backbones_moved_still_loads(l2_run, tmp_path):
+    """Checkpoints store their config; those written before the restructuring name
+    ``lightning_modules.backbones.*``: evaluation and resume read them as the new place."""
+    import torch
+
+    from lightning_modules.training.checks import check_resume
+
+    ckpt = torch.load(l2_run["best_checkpoint"], map_location="cpu", weights_only=True)
+    target = ckpt["medrobust_config"]["backbone"]["_target_"]
+    assert target.startswith("lightning_modules.models.backbones.")
+    ckpt["medrobust_config"]["backbone"]["_target_"] = target.replace(".models.", ".")
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    report = evaluate(compose_cfg("eval", [f"ckpt_path={old}", *QUICK, "eps_grid=[0]",
+                                           f"output_dir={tmp_path / 'd'}"], tmp_path))
+    assert report["backbone"] == target and report["n_images"] > 0
+    new = torch.load(l2_run["best_checkpoint"], map_location="cpu", weights_only=True)
+    check_resume(str(old), new["medrobust_config"])  # same network: no error

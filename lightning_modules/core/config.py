@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.core.errors import ConfigError, root_cause
 
-__all__ = ["CONF_DIR", "compose_file", "instantiate_node", "instantiate_dict",
+__all__ = ["CONF_DIR", "MOVED_TARGETS", "compose_file", "upgrade_targets", "instantiate_node", "instantiate_dict",
            "register_resolvers"]
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the project's Hydra configs
@@ -79,3 +79,23 @@ def compose_file(path: Path) -> DictConfig:
     if "_self_" not in defaults:
         out = OmegaConf.merge(out, raw)
     return out
+
+
+# ``_target_`` prefixes of classes that moved; configs stored in older checkpoints name the old
+# place (the 2026-12 restructuring put the backbones in ``lightning_modules.models``)
+MOVED_TARGETS = {"lightning_modules.backbones.": "lightning_modules.models.backbones."}
+
+
+def upgrade_targets(node: Any) -> Any:
+    """A stored config (plain dicts and lists) with moved ``_target_`` s renamed in place."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        for old, new in MOVED_TARGETS.items():
+            if isinstance(target, str) and target.startswith(old):
+                node["_target_"] = new + target[len(old):]
+        for value in node.values():
+            upgrade_targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            upgrade_targets(value)
+    return node

@@ -3,6 +3,7 @@ costs, the checkpoint's training config, the trainer), and its honesty checks.""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +11,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_modules.attacks import PGD, Attack, AutoAttack
+from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.tasks import SCORE_METRIC, Task, chance_level
 from lightning_modules.core.threat import format_eps
-from lightning_modules.evaluation.honesty import Check, model_checks, probe_checks, report_checks
+from lightning_modules.evaluation.honesty import (
+    Check,
+    failed,
+    model_checks,
+    probe_checks,
+    report_checks,
+)
 from lightning_modules.evaluation.module import EvaluationModule
 from lightning_modules.evaluation.schema import EvalReport, software_versions
 from lightning_modules.evaluation.writer import cost_table
 
-__all__ = ["assemble_report", "honesty_checks"]
+__all__ = ["assemble_report", "honesty_checks", "stop_if_failed"]
+
+log = logging.getLogger(__name__)
 
 
 def assemble_report(ckpt_path: str, ckpt: dict, train_cfg: DictConfig, task: str,
@@ -66,11 +76,22 @@ def honesty_checks(report: EvalReport, module: EvaluationModule, net: nn.Module,
                            bounded=("acc", "bal_acc") if task == "multiclass" else ())
     if module.probe is None:  # a DDP rank whose shard held no batch
         return checks
-    checks += model_checks(net, *module.probe, Task(task))
+    checks = checks + model_checks(net, *module.probe, Task(task))
     reference = next((a for a in attacks.values() if type(a) is PGD and a.targeted is None), None)
     if probes and reference is not None and max(eps_grid) > 0:
         queries = min([1000] + [a.square_queries for a in attacks.values()
                                 if isinstance(a, AutoAttack)])
         checks += probe_checks(net, *module.probe, Task(task), report.num_classes,
                                reference.with_eps(max(eps_grid)), square_queries=queries)
+    for c in failed(checks):
+        log.warning("honesty check failed: %s: %s", c.check, c.detail)
     return checks
+
+
+def stop_if_failed(checks: list[Check], out_dir: Path) -> None:
+    """``evaluation.strict=true``: a failed honesty check is an error (the report is kept)."""
+    bad = failed(checks)
+    if bad:
+        raise ConfigError(f"evaluation.strict=true and {len(bad)} honesty check(s) failed: "
+                          + "; ".join(f"{c.check} ({c.detail})" for c in bad)
+                          + f"; report kept in {out_dir}")

@@ -13,12 +13,12 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 
-from lightning_modules.core.config import instantiate_node
+from lightning_modules.core.config import instantiate_node, upgrade_targets
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.threat import format_eps, parse_eps
 
 __all__ = ["TRUSTED_TARGETS", "load_checkpoint", "check_targets", "stored_config",
-           "build_network", "inherit_threat", "expand_checkpoints"]
+           "build_network", "inherit_threat", "report_dir", "expand_checkpoints"]
 
 # A checkpoint may come from a stranger: its stored config may only build our own classes (and
 # an albumentations pipeline), never an arbitrary callable such as a file writer.
@@ -62,6 +62,7 @@ def stored_config(ckpt: dict, datamodule_overrides: DictConfig | None,
     """The checkpoint's training config (trusted targets only), its datamodule completed by
     ``complete`` (today's defaults for options added since; ``datamodules.complete_stored_config``)
     and merged with ``datamodule_overrides`` (never the keys its weights fix)."""
+    upgrade_targets(ckpt["medrobust_config"])  # checkpoints written before classes moved
     for key in ("datamodule", "backbone"):
         check_targets(ckpt["medrobust_config"].get(key), key)
     train_cfg = OmegaConf.create(ckpt["medrobust_config"])
@@ -135,6 +136,15 @@ def inherit_threat(cfg: DictConfig, train_cfg: DictConfig) -> dict[str, Any]:
                 f"trained under {trained['norm']} at eps {format_eps(parse_eps(trained['eps']))}")
     return {"norm": str(cfg.threat.norm), "eps": format_eps(parse_eps(cfg.threat.eps)),
             "trained": trained or None, "source": source, "note": note}
+
+
+def report_dir(ckpt_path: str, output_dir: str | None) -> Path:
+    """``output_dir``, or ``<run dir>/eval/<checkpoint name>/`` beside the checkpoints folder
+    (one folder per checkpoint: nothing is overwritten)."""
+    if output_dir:
+        return Path(output_dir)
+    ckpt_file = Path(ckpt_path).resolve()
+    return ckpt_file.parent.parent / "eval" / ckpt_file.stem
 
 
 def expand_checkpoints(value: Any) -> list[Path]:

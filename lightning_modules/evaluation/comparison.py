@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_modules.evaluation.corruptions.benchmark import corruption_errors, mce
+from lightning_modules.evaluation.schema import EvalReport
 from lightning_modules.evaluation.writer import fmt
 
 __all__ = ["comparison_rows", "add_corruption_columns", "write_comparison",
@@ -16,7 +17,9 @@ __all__ = ["comparison_rows", "add_corruption_columns", "write_comparison",
 
 def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per checkpoint: clean metrics and, per eps > 0, the weakest result over its attacks
-    (the worst case when there is one)."""
+    (the worst case when there is one). Each report is read through :class:`EvalReport` (a
+    dict that is not one is refused)."""
+    reports = [EvalReport.from_dict(r).as_dict() for r in reports]
     rows = []
     for rep in reports:
         score = rep["score_metric"]

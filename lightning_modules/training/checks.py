@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_modules.core.config import upgrade_targets
 from lightning_modules.core.errors import ConfigError
 
 __all__ = ["VALUE_RULES", "RESUME_KEYS", "THREAT_KEYS", "check_values", "check_resume"]
@@ -69,7 +70,7 @@ def check_resume(ckpt_path: str, run_config: dict) -> None:
                           f"{str(err).splitlines()[0][:200]}") from err
     if not stored:
         return  # a checkpoint from before configs were stored: nothing to compare
-    now, then = OmegaConf.create(run_config), OmegaConf.create(stored)
+    now, then = OmegaConf.create(run_config), OmegaConf.create(upgrade_targets(stored))
     diffs = []
     for key in RESUME_KEYS:
         a, b = OmegaConf.select(then, key), OmegaConf.select(now, key)

@@ -9,7 +9,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["seeds_used", "skipped_images", "summary_table"]
+from lightning_modules.core.tasks import chance_level
+from lightning_modules.core.threat import format_eps, parse_eps
+
+__all__ = ["run_record", "seeds_used", "skipped_images", "summary_table"]
 
 
 def seeds_used(cfg: DictConfig, seed: int, source: str) -> dict[str, Any]:
@@ -97,3 +100,36 @@ def summary_table(result: dict[str, Any], loggers: list, out_dir: Path) -> str:
                        for lg in loggers} - {""})
     lines.append(f"logs:              {', '.join(log_dirs) if log_dirs else str(out_dir)}")
     return "\n".join(lines)
+
+
+def run_record(cfg: DictConfig, module, datamodule, seeds: dict, state_cb, test_metrics: dict,
+               fit_metrics: dict, chosen: dict, checkpoints: dict, out_dir: Path,
+               seconds: float) -> dict[str, Any]:
+    """What ``metrics.json`` holds: the defense, the training threat (and the validation
+    attack's when ``attack.*`` makes it differ), seeds, test and validation metrics, the
+    checkpoint tested and why, the files and the wall time."""
+    val_attack = module.val_attack
+    threat = {"norm": str(cfg.threat.norm), "eps": parse_eps(cfg.threat.eps, "threat.eps")}
+    threat["eps_str"] = format_eps(threat["eps"])
+    return {
+        "task_name": cfg.get("task_name"),
+        "defense": module.defense.describe(),
+        "val_attack": val_attack.describe(),
+        "threat": threat,  # the training threat (conf/threat)
+        # the validation/test attack's, when attack.* makes it differ from the training threat
+        "val_threat": None if (val_attack.norm, val_attack.eps) == (threat["norm"], threat["eps"])
+        else {"norm": val_attack.norm, "eps": val_attack.eps, "eps_str": format_eps(val_attack.eps)},
+        "seed": cfg.get("seed"),
+        "seeds": seeds,
+        "resumes": list(state_cb.history) if state_cb is not None else [],
+        "test": test_metrics,
+        "val": {k: v for k, v in fit_metrics.items() if k.startswith("val/")},
+        "chance": {module.score_key: chance_level(module.task_name, module.hparams.num_classes)},
+        "selection": chosen,
+        "best_checkpoint": chosen["checkpoint"],  # the checkpoint tested
+        "checkpoints": checkpoints,
+        "last_checkpoint": checkpoints.get("last", ""),
+        "output_dir": str(out_dir),
+        "skipped_images": skipped_images(datamodule),
+        "wall_time_s": round(seconds, 1),
+    }
