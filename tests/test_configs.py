@@ -116,8 +116,14 @@ def test_option_composes_and_builds(group, option, tmp_path, ham_dir, monkeypatc
     ("xu2021", {"pgd", "gap"}, False), ("corruptions", {"pgd"}, False)])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_eval_config_composes(tmp_path, preset, attacks, cascade, norm):
+    from omegaconf import OmegaConf
+
+    from lightning_modules.evaluation.checkpoint import inherit_threat
+
     cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", f"evaluation={preset}",
                                f"threat.norm={norm}"], tmp_path)
+    # what evaluate.py does first: the eps (and a null norm) from the checkpoint's training threat
+    inherit_threat(cfg, OmegaConf.create({"threat": {"norm": "linf", "eps": "8/255"}}))
     assert set(cfg.attacks) == attacks and cfg.evaluation.cascade is cascade
     assert cfg.evaluation.name == preset and cfg.evaluation.strict is False
     for name in cfg.attacks:
