@@ -39,7 +39,7 @@ def _preset(name: str, in_chans: int):
     import cv2
 
     if name.endswith("_c") and name in AUGMENTATIONS:
-        from .corruptions import CorruptionAugment
+        from lightning_modules.evaluation.corruptions.images import CorruptionAugment
 
         domain = name[:-2]
         base = _preset(domain, in_chans) if domain in ("dermoscopy", "xray") else None

@@ -62,23 +62,31 @@ def corruption_scores(net: nn.Module, batches: Batches, task: str, num_classes: 
     """Metrics (``lightning_modules.evaluation.metrics``) clean and under each corruption of ``set_name``
     at each severity, over ``batches`` of ``(x, y)`` with ``x`` in [0, 1]. Image ``i`` of the
     stream is corrupted with the generator ``image_rng(seed, i, corruption)``, so the
-    numbers do not depend on the batch size. Returns ``{"clean": {...}, "table": {corruption:
-    {severity: {...}}}, "n_images": N}``."""
+    numbers do not depend on the batch size. The clean images are scored after the same uint8
+    round trip (``to_uint8`` then ``from_uint8``) as the corrupted ones, so a corruption that
+    changes nothing scores exactly the clean score. Returns ``{"clean": {...}, "table":
+    {corruption: {severity: {...}}}, "n_images": N, "unchanged": {corruption: [severities]},
+    ...}``: ``unchanged`` lists the corruptions and severities that left every image as it was
+    at this image size (e.g. a blur below a pixel), with a warning."""
     cset = get_set(set_name)
     was_training = net.training
     net.eval()
     clean = build_metrics(task, num_classes)
     cells = {(c, s): build_metrics(task, num_classes) for c in cset for s in severities}
+    unchanged = {(c, s): 0 for c in cset for s in severities}  # images a corruption left as is
     n = 0
     try:
         for x, y in batches:
             y = y.long() if task == "multilabel" else y  # torchmetrics: integer findings
-            clean.update(_predict(net, x), y)
             imgs = to_uint8(x)
+            # the clean reference through the same uint8 round trip as the corrupted images
+            clean.update(_predict(net, from_uint8(imgs).to(x.dtype)), y)
             for name, cor in cset.items():
                 for s in severities:
                     out = np.stack([cor(img, s, image_rng(seed, n + i, name))
                                     for i, img in enumerate(imgs)])
+                    unchanged[name, s] += sum(np.array_equal(o, img)
+                                              for o, img in zip(out, imgs, strict=True))
                     cells[name, s].update(_predict(net, from_uint8(out).to(x.dtype)), y)
             n += x.shape[0]
     finally:
@@ -88,9 +96,19 @@ def corruption_scores(net: nn.Module, batches: Batches, task: str, num_classes: 
     table: dict[str, dict[str, dict[str, float]]] = {c: {} for c in cset}
     for (c, s), metrics in cells.items():
         table[c][str(s)] = scalar_metrics(metrics.compute())
+    same: dict[str, list[int]] = {}
+    for (c, s), k in unchanged.items():
+        if k == n:
+            same.setdefault(c, []).append(int(s))
+    if same:
+        side = "x".join(str(d) for d in imgs.shape[1:3])
+        log.warning("corruptions: at %s px these leave every image unchanged (their scores "
+                    "are the clean score): %s", side,
+                    ", ".join(f"{c} at severity {', '.join(map(str, v))}"
+                              for c, v in same.items()))
     return {"set": set_name, "severities": list(severities), "seed": seed, "n_images": n,
             "score_metric": SCORE_METRIC[task], "error": f"1 - {SCORE_METRIC[task]}",
-            "clean": scalar_metrics(clean.compute()), "table": table}
+            "clean": scalar_metrics(clean.compute()), "table": table, "unchanged": same}
 
 
 def summarise(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -243,6 +261,11 @@ def corruption_markdown(block: Mapping[str, Any], folder: str) -> list[str]:
              f"{block['mean']['score']:.4f} (drop {block['mean']['drop']:.4f}"
              + (f", {block['mean']['relative_drop']:.0%} of clean" if
                 block["mean"]["relative_drop"] is not None else "") + ")."]
+    if block.get("unchanged"):
+        lines[-1] += (" At this image size these left every image unchanged (their score is "
+                      "the clean score): " + "; ".join(
+                          f"{c} at severity {', '.join(map(str, v))}"
+                          for c, v in block["unchanged"].items()) + ".")
     if base:
         lines[-1] += (f" Against the baseline `{base['source']}`: mCE "
                       f"{_num(base.get('mce'))}, relative mCE {_num(base.get('relative_mce'))}"
