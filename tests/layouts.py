@@ -217,14 +217,15 @@ def write_isic2016(root: Path, n_train: int = 40, n_test: int = 12, seed: int = 
 MESSIDOR_BASES = ("Base11", "Base12", "Base13", "Base21", "Base22", "Base23", "Base31", "Base32")
 
 
-def write_messidor(root: Path, per_base: int = 8, xlsx_bases: int = 1, seed: int = 0) -> Path:
-    """``Base*/`` folders of ``.tif`` fundus images, each with ``Annotation_Base*.xls`` as
-    released (the last ``xlsx_bases`` as ``.xlsx``); the released columns, including the
-    trailing space of ``Risk of macular edema ``."""
+def write_messidor(root: Path, per_base: int = 8, xlsx_bases: int = 1, seed: int = 0,
+                   bases: tuple[str, ...] = MESSIDOR_BASES) -> Path:
+    """``Base*/`` folders (``bases``) of ``.tif`` fundus images, each with
+    ``Annotation_Base*.xls`` as released (the last ``xlsx_bases`` as ``.xlsx``); the released
+    columns, including the trailing space of ``Risk of macular edema ``."""
     import xlwt
 
     rng = np.random.default_rng(seed)
-    for b, base in enumerate(MESSIDOR_BASES):
+    for b, base in enumerate(bases):
         folder = root / base
         folder.mkdir(parents=True)
         rows = []
@@ -235,7 +236,7 @@ def write_messidor(root: Path, per_base: int = 8, xlsx_bases: int = 1, seed: int
             rows.append((name, f"Service Ophtalmologie {b // 3 + 1}", grade, k % 3))
         columns = ("Image name", "Ophthalmologic department", "Retinopathy grade",
                    "Risk of macular edema ")
-        if b >= len(MESSIDOR_BASES) - xlsx_bases:
+        if b >= len(bases) - xlsx_bases:
             pd.DataFrame(rows, columns=columns).to_excel(folder / f"Annotation_{base}.xlsx",
                                                          index=False)
             continue
