@@ -108,18 +108,37 @@ def test_slurm_multirun_submits_what_the_trainer_needs(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_submitit_local_runs_a_job_and_the_sweep_summary(tmp_path):
-    """One job through submitit's local executor, with an offline wandb run (finished, or the
-    job would never return) grouped by the sweep folder."""
+    """Two jobs through submitit's local executor, each with an offline wandb run (finished, or
+    the job would never return) grouped by the sweep folder; the summary has one row per job
+    with that job's own override and the numbers of that job's metrics.json."""
+    import csv
+
     proc = _run([str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local", *CLI_FAST,
                  "defense=none", "logger=wandb", "callbacks.wandb_examples.n_images=2",
-                 f"paths.log_dir={tmp_path / 'logs'}"], cwd=tmp_path, timeout=150)
+                 f"paths.log_dir={tmp_path / 'logs'}", "seed=1,2"], cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
-    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
-    assert metrics["test"]["test/acc"] >= 0
-    assert "| 0 | ok |" in (sweep / "summary.md").read_text()
-    assert OmegaConf.load(sweep / "0" / "config_resolved.yaml").logger.wandb.group == sweep.name
-    assert list((sweep / "0").glob("wandb/offline-run-*"))
+    with (sweep / "summary.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["job"] for r in rows] == ["0", "1"]
+    summary = (sweep / "summary.md").read_text()
+    assert "2 jobs, 0 failed." in summary
+    for row, seed in zip(rows, (1, 2), strict=True):
+        job = sweep / row["job"]
+        assert row["overrides"] == f"seed={seed}" and row["status"] == "ok"
+        assert f"seed={seed}" in OmegaConf.load(job / ".hydra" / "overrides.yaml")
+        config = OmegaConf.load(job / "config_resolved.yaml")
+        assert config.seed == seed  # the override reached the job it is listed under
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert float(row["wall_time_s"]) == metrics["wall_time_s"] > 0
+        for key in ("test/acc", "test/adv_acc"):
+            assert 0.0 <= metrics["test"][key] <= 1.0
+            assert float(row[key]) == metrics["test"][key], (row["job"], key)
+        acc = metrics["test"]["test/acc"]
+        assert f"| {row['job']} | seed={seed} | ok | none |" in summary
+        assert f" {acc:.4f} |" in summary.split(f"| {row['job']} | seed={seed} |")[1].split("\n")[0]
+        assert config.logger.wandb.group == sweep.name
+        assert list(job.glob("wandb/offline-run-*"))
 
 
 @pytest.mark.slow
