@@ -97,7 +97,26 @@ def test_option_composes_and_builds(group, option, tmp_path, ham_dir, monkeypatc
         overrides.append("trainer=cpu")
     cfg = compose_cfg("train", overrides, tmp_path)
     parts = build(cfg)
-    assert parts["trainer"] is not None
+    # the trainer as the composed config says (the GPU presets' device swapped to CPU above)
+    from lightning.pytorch import Trainer
+
+    from lightning_modules.training.resume import AtomicCheckpointIO
+
+    trainer, tcfg = parts["trainer"], cfg.trainer
+    assert type(trainer) is Trainer
+    assert (trainer.max_epochs, trainer.min_epochs, trainer.num_devices, trainer.num_nodes) == \
+        (tcfg.max_epochs, tcfg.min_epochs, tcfg.devices, tcfg.get("num_nodes", 1))
+    assert trainer.precision == {"32": "32-true", "16": "16-mixed"}.get(str(tcfg.precision),
+                                                                        str(tcfg.precision))
+    accelerator = tcfg.accelerator if tcfg.accelerator != "auto" else \
+        ("gpu" if torch.cuda.is_available() else "cpu")
+    assert type(trainer.accelerator).__name__ == {"cpu": "CPUAccelerator",
+                                                  "gpu": "CUDAAccelerator"}[accelerator]
+    assert type(trainer.strategy).__name__ == ("DDPStrategy" if tcfg.get("strategy") == "ddp"
+                                               else "SingleDeviceStrategy")
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert trainer.loggers == list(parts["loggers"])
+    assert trainer.validate_loop.inference_mode is trainer.test_loop.inference_mode is False
     module = parts["module"]
     assert isinstance(module.defense, Defense) and isinstance(module.val_attack, Attack)
     dm = parts["datamodule"]
