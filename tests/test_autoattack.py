@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from lightning_modules.attacks import attack_from_config
+from lightning_modules.attacks import AutoAttack, attack_from_config
 from lightning_modules.attacks.autoattack import components_for
 
 pytest.importorskip("pyautoattack")
@@ -73,3 +73,60 @@ def test_binary_model_runs_apgd_ce_and_square_and_multilabel_is_refused(trained_
     assert _robust_acc(binary, x_adv, y2) < 1.0
     with pytest.raises(ValueError, match="single-label"):
         attack_from_config("autoattack")(model, x[:4], torch.zeros(4, 4), "multilabel")
+
+
+def _settings(obj) -> dict:
+    """An attack object's plain settings (numbers, strings, flags), its device left out."""
+    return {k: v for k, v in vars(obj).items()
+            if isinstance(v, (int, float, str, bool, type(None))) and k != "device"}
+
+
+@pytest.mark.parametrize("threat", [[], ["threat.norm=l2", "threat.eps=0.5"]])
+def test_standard_config_reaches_pyautoattack_as_its_standard_version(threat, tmp_path):
+    """``conf/attack/autoattack.yaml`` against a 10-class model builds the pyautoattack object
+    that ``version="standard"`` builds: the components, eps, norm, seed, and every setting of
+    APGD-CE, APGD-T, FAB-T and Square (restarts, 9 target classes, 5000 Square queries, ...);
+    a 4-class model differs only in its 3 target classes."""
+    from unittest import mock
+
+    import pyautoattack
+    from torch import nn
+
+    from lightning_modules.attacks import parse_eps
+    from lightning_modules.core.config import instantiate_node
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("train", ["attack=autoattack", *threat], tmp_path)
+    attack = instantiate_node(cfg, "attack")
+    assert type(attack) is AutoAttack
+    eps, norm = parse_eps(cfg.threat.eps, "threat.eps"), {"linf": "Linf", "l2": "L2"}[
+        cfg.threat.norm]
+    built = []
+
+    def record(runner, x_in, y_in, **kwargs):
+        built.append((runner, x_in, y_in, kwargs))
+        return x_in.clone(), None
+
+    for classes, targets in ((10, 9), (4, 3)):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, classes))
+        x, y = torch.rand(4, 3, 8, 8), torch.arange(4)
+        built.clear()
+        with mock.patch.object(pyautoattack.AutoAttack, "run_standard_evaluation", record):
+            attack(model, x, y)
+        ((runner, x_in, y_in, kwargs),) = built
+        assert torch.equal(x_in, x) and torch.equal(y_in, y)
+        standard = pyautoattack.AutoAttack(model, version="standard", eps=eps, norm=norm,
+                                           seed=0, device="cpu")
+        assert runner.attacks_to_run == standard.attacks_to_run == \
+            ["apgd-ce", "apgd-t", "fab-t", "square"]
+        assert (runner.epsilon, runner.norm, runner.seed) == (eps, norm, 0)
+        assert runner.model is model and kwargs == {"batch_size": 4}
+        for part in ("apgd", "apgd_targeted", "fab", "square"):
+            want = _settings(getattr(standard, part))
+            for key in ("n_target_classes",) if classes < 10 else ():
+                if key in want:
+                    want[key] = targets
+            assert _settings(getattr(runner, part)) == want, part
+        assert runner.apgd_targeted.n_target_classes == runner.fab.n_target_classes == targets
+        assert (runner.apgd.n_restarts, runner.apgd_targeted.n_restarts, runner.fab.n_restarts,
+                runner.square.n_queries) == (1, 1, 1, 5000)
