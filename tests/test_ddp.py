@@ -275,22 +275,59 @@ def test_sync_batchnorm_attacks_change_no_statistics_and_send_nothing(tmp_path):
 
 
 # ------------------------------------------------------- debug mode x callback set, never a hang
+class SaveTestedWeights(L.Callback):
+    """Rank 0 writes the weights ``trainer.test`` runs on (after any checkpoint is restored),
+    so that one process can test the same weights (``+callbacks.tested_weights``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            torch.save(pl_module.state_dict(), self.path)
+
+
+def _one_process_test(weights: Path, overrides: list[str], out: Path) -> dict[str, float]:
+    """Test metrics of ``weights`` in this process, on every test image, with ``overrides``."""
+    cfg = compose_cfg("train", [*overrides, "callbacks=none", "~logger",
+                                "+trainer.enable_checkpointing=false",
+                                "trainer.limit_test_batches=null"], out)
+    parts = build(cfg)
+    parts["module"].load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    (metrics,) = parts["trainer"].test(parts["module"], datamodule=parts["datamodule"],
+                                       verbose=False)
+    return {k: float(v) for k, v in metrics.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("callbacks", ["fast_at", "none"])
 @pytest.mark.parametrize("mode", sorted(DDP_DEBUG))
 def test_ddp_sim_debug_mode_x_callbacks(tmp_path, mode, callbacks):
     """``trainer=ddp_sim`` in each debug mode with each callback set, progress bar on, under a
-    timeout that kills both ranks: the run ends, tests and writes its metrics. (The default
-    callback set is ``tests/test_train.py::test_cli_ddp_sim_never_hangs``.) ``fast_at``
-    restores and stops on collapse: a decision every rank must take alike."""
+    timeout that kills both ranks: the run ends, tests and writes its metrics, and they are
+    those of one process testing the same weights on the same 32 images (1 batch of 16 per
+    rank; PGD from the clean point). (The default callback set is
+    ``tests/test_train.py::test_cli_ddp_sim_never_hangs``.) ``fast_at`` restores and stops on
+    collapse: a decision every rank must take alike."""
     fast = [o for o in CLI_FAST if "enable_progress_bar" not in o and "max_epochs" not in o]
+    weights = tmp_path / "tested.pt"
     proc = _run_group([str(ROOT / "train.py"), *fast, "trainer=ddp_sim", *DDP_DEBUG[mode],
                        f"callbacks={callbacks}", "trainer.enable_progress_bar=true",
+                       "attack.random_start=false",
+                       "+callbacks.tested_weights._target_=tests.test_ddp.SaveTestedWeights",
+                       f"+callbacks.tested_weights.path={weights}",
                        f"paths.log_dir={tmp_path}"], cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test metric" in proc.stdout
     result = json.loads(next(tmp_path.glob("train/runs/*/metrics.json")).read_text())
-    assert 0 <= result["test"]["test/adv_acc"] <= 1
+    one = _one_process_test(weights, [o for o in fast if "limit_test_batches" not in o]
+                            + ["attack.random_start=false"], tmp_path / "one")
+    ddp = result["test"]
+    assert len(ddp) >= 15 and {"test/acc", "test/adv_acc", "test/adv_loss"} <= set(ddp)
+    assert set(ddp) == set(one)
+    diffs = {k: (ddp[k], one[k]) for k in ddp if ddp[k] != pytest.approx(one[k], abs=1e-5)}
+    assert not diffs, diffs
+    assert round(ddp["test/acc"] * 32, 4).is_integer()  # 32 images, no padding counted
     if callbacks == "none":  # at most Lightning's own default checkpoint, never a selection
         assert not {"best_clean", "best_robust"} & set(result["checkpoints"])
 
@@ -299,7 +336,9 @@ def test_ddp_sim_debug_mode_x_callbacks(tmp_path, mode, callbacks):
 @pytest.mark.slow
 def test_compiled_backbone_trains(train_cfg):
     """``module.compile=true``: the backbone runs compiled (attacks in train and eval mode
-    included) for a training step, validation and test, and checkpoints keep plain keys."""
+    included) for a training step, validation and test, its test metrics are those of the
+    tested checkpoint run eagerly (PGD from the clean point), and checkpoints keep plain
+    keys."""
     from lightning_modules.training.module import RobustClassifier
 
     seen = []
@@ -311,10 +350,20 @@ def test_compiled_backbone_trains(train_cfg):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(RobustClassifier, "setup", recording_setup)
-        result = train(train_cfg("module.compile=true", "defense=pgd_at", "threat.train_steps=2",
-                                 "attack.steps=2", "trainer.limit_train_batches=1"))
+        run = ("defense=pgd_at", "threat.train_steps=2", "attack.steps=2",
+               "attack.random_start=false", "trainer.limit_train_batches=1")
+        result = train(train_cfg("module.compile=true", *run))
     assert ("fit", True, True) in seen
-    assert 0 <= result["test"]["test/adv_acc"] <= 1
+    parts = build(train_cfg(*run, "callbacks=none", "~logger",
+                            "+trainer.enable_checkpointing=false"))
+    assert not parts["module"].hparams.get("compile")
+    (eager,) = parts["trainer"].test(parts["module"], datamodule=parts["datamodule"],
+                                     ckpt_path=result["best_checkpoint"], verbose=False)
+    compiled = result["test"]
+    assert set(compiled) == set(eager) and len(compiled) >= 15
+    diffs = {k: (compiled[k], float(eager[k])) for k in compiled
+             if compiled[k] != pytest.approx(float(eager[k]), abs=1e-4)}
+    assert not diffs, diffs
     state = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)
     assert state["global_step"] == 1
     assert not any("_orig_mod" in k for k in state["state_dict"])
