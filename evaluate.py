@@ -86,7 +86,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.shard_eval = True  # every image once across DDP ranks, no padding duplicates
     trainer = instantiate_node(cfg, "trainer", logger=False, callbacks=[],
                                enable_checkpointing=False, use_distributed_sampler=False)
-    if getattr(trainer, "_inference_mode", False):
+    if trainer.test_loop.inference_mode or trainer.validate_loop.inference_mode:
         raise ConfigError("trainer.inference_mode must be false: attacks need gradients")
     run = trainer.test if split == "test" else trainer.validate
     run(module, datamodule=datamodule, verbose=False)

@@ -203,7 +203,8 @@ def test_per_attack_override_wins(tmp_path):
     cfg = compose_cfg("train", ["defense=pgd_at", "attack@defense.attacks.pgd=pgd20"], tmp_path)
     assert build_defense(cfg)[0].attacks["pgd"].restarts == 2
     cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", "+attack@attacks.pgd_l2=pgd_l2",
-                               "attacks.pgd.norm=l2"], tmp_path)
+                               "attacks.pgd.norm=l2", "threat.norm=linf", "threat.eps=8/255"],
+                      tmp_path)
     assert {n: instantiate_node(cfg.attacks, n).norm for n in cfg.attacks} == {
         "aa": "linf", "pgd": "l2", "pgd_l2": "l2"}
 

@@ -381,7 +381,9 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
     back = EvalReport.load(out / "report.json")
     assert back.as_dict() == json.loads((out / "report.json").read_text())
     assert back.software["torch"] and back.software["lightning"] and back.software["python"]
-    assert back.threat_model == {"norm": ["linf"], "eps_grid": ["0", "2/255", "8/255"]}
+    assert back.threat_model == {"norm": ["linf"], "eps_grid": ["0", "2/255", "8/255"],
+                                 "source": {"norm": "checkpoint", "eps": "checkpoint",
+                                            "eps_grid": "config"}, "note": None}
     assert {r.attack for r in back.results} == {"fgsm", "pgd", "worst"}
     with pytest.raises(ValueError, match="missing"):
         EvalReport.from_dict({"results": []})
@@ -459,6 +461,7 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
 
 @pytest.mark.parametrize("override, match", [
     ("threat.eps=-0.1", "eps"),
+    ("trainer.inference_mode=true", "inference_mode must be false"),
     ("threat.eps=8", "8/255"),
     ("threat.eps=inf", "finite"),
     ("+threat.epz=0.1", "threat.epz"),

@@ -63,7 +63,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [resume.AtomicCheckpointIO()]}
     trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False,
                                **plugins)
-    if getattr(trainer, "_inference_mode", False):
+    if trainer.test_loop.inference_mode or trainer.validate_loop.inference_mode:
         raise ConfigError("trainer.inference_mode must be false: adversarial validation and "
                           "test need gradients")
     return {"datamodule": datamodule, "module": module, "trainer": trainer, "loggers": loggers,
