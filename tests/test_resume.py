@@ -33,16 +33,16 @@ def _child(args: list[str], kill_at: tuple[int, int] | None) -> None:
     torch.set_num_threads(1)
     if kill_at is not None:  # this process sends itself a signal after batch `step`
         step, signum = kill_at
-        if step < 0:  # ... or while the run is being built (train.py imports it by name)
-            from lightning_modules import utils
+        if step < 0:  # ... or while the run is being built (build.py imports it by name)
+            from lightning_modules.training import build
 
-            instantiate_dict = utils.instantiate_dict
+            instantiate_dict = build.instantiate_dict
 
             def signal_then_instantiate(*args):
                 os.kill(os.getpid(), signum)
                 return instantiate_dict(*args)
 
-            utils.instantiate_dict = signal_then_instantiate
+            build.instantiate_dict = signal_then_instantiate
 
         own = resume.ResumeState.on_train_batch_end
 
