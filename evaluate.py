@@ -31,7 +31,13 @@ from lightning_modules.core.errors import ConfigError, exit_on_config_error
 from lightning_modules.core.threat import parse_eps
 from lightning_modules.evaluation import checkpoint as ckpts
 from lightning_modules.evaluation.analysis.run import analyses_for_report
-from lightning_modules.evaluation.assemble import assemble_report, honesty_checks, stop_if_failed
+from lightning_modules.evaluation.assemble import (
+    assemble_report,
+    build_certifier,
+    honesty_checks,
+    stop_if_failed,
+)
+from lightning_modules.evaluation.certify import certify_summary
 from lightning_modules.evaluation.comparison import comparison_rows, write_comparison
 from lightning_modules.evaluation.corruptions.benchmark import corruption_benchmark
 from lightning_modules.evaluation.corruptions.images import set_for_datamodule
@@ -73,14 +79,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     gap_info = prepare_gap(cfg, attacks, net, task, train_cfg, datamodule, out_dir, ckpt)
     n_split = datamodule.take_subset(split, cfg.get("subset"), seed)
     class_names = list(getattr(datamodule, "class_names", None) or []) or None
+    certifier, sigma_source = build_certifier(options, train_cfg, task)
     signature = resume_signature(cfg.ckpt_path, ckpt, attacks, eps_grid, cascade, split,
                                  cfg.get("subset"), n_split, cfg.get("seed"),
-                                 cfg.get("datamodule"), cfg.trainer)
+                                 cfg.get("datamodule"), cfg.trainer,
+                                 certifier.describe() if certifier else None)
     try:
         module = EvaluationModule(
             net, task, num_classes, attacks, eps_grid, class_names=class_names, cascade=cascade,
             channels_last=bool((train_cfg.get("module") or {}).get("channels_last")),
-            resume_dir=out_dir / "partial" if cfg.resume else None, signature=signature)
+            resume_dir=out_dir / "partial" if cfg.resume else None, signature=signature,
+            certifier=certifier, seed=seed)
     except ValueError as err:
         raise ConfigError(f"attacks: {err}") from err
     datamodule.shard_eval = True  # every image once across DDP ranks, no padding duplicates
@@ -96,6 +105,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     rep = assemble_report(cfg.ckpt_path, ckpt, train_cfg, task, num_classes, module, trainer,
                           attacks, skipped, eps_grid, threat, options, split, n_split,
                           class_names, cascade, gap_info)
+    if certifier is not None:
+        rep.certify = certify_summary(module.certified, certifier, module.certify_seconds,
+                                      sigma_source)
     checks = honesty_checks(rep, module, net, attacks, eps_grid, bool(options.probes))
     if options.analyses and trainer.is_global_zero:
         rep.analyses = analyses_for_report(options, net, datamodule, split, task, num_classes,

@@ -79,6 +79,8 @@ def _extra(group: str, option: str, ham_dir) -> list[str]:
         extra += experiment_fixture(option, ham_dir.parent)
     if group == "experiment":
         extra.append("datamodule.num_workers=0")
+    if group == "defense" and option == "smoothadv":
+        extra.append("threat=l2")  # it attacks the smoothed classifier in L2 only
     if group == "backbone" and option == "inception_v3":
         extra.append("datamodule.image_size=75")  # its smallest input
     if group == "trainer" and option in ("gpu", "ddp", "ddp_multinode") and \
@@ -132,7 +134,8 @@ def test_option_composes_and_builds(group, option, tmp_path, ham_dir, monkeypatc
 @pytest.mark.parametrize("preset,attacks,cascade", [
     ("quick", {"pgd"}, False), ("standard", {"pgd", "aa"}, True),
     ("full", {"fgsm", "pgd", "pgd_cw", "pgd_t", "aa", "pgd_hide", "pgd_add", "gap"}, False),
-    ("xu2021", {"pgd", "gap"}, False), ("corruptions", {"pgd"}, False)])
+    ("xu2021", {"pgd", "gap"}, False), ("corruptions", {"pgd"}, False),
+    ("certify", {"pgd"}, False)])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_eval_config_composes(tmp_path, preset, attacks, cascade, norm):
     from omegaconf import OmegaConf
@@ -147,8 +150,14 @@ def test_eval_config_composes(tmp_path, preset, attacks, cascade, norm):
     assert cfg.evaluation.name == preset and cfg.evaluation.strict is False
     for name in cfg.attacks:
         atk = instantiate(cfg.attacks[name])
-        assert isinstance(atk, Attack) and atk.norm == norm
+        # certify: the certificate is L2, so are its attacks, whatever the threat
+        assert isinstance(atk, Attack) and atk.norm == ("l2" if preset == "certify" else norm)
     assert len(cfg.eps_grid) >= 3 and cfg.eps_grid[0] == 0
+    certify = cfg.evaluation.certify
+    assert (certify is not None) == (preset == "certify")
+    if certify is not None:  # the radii are the grid of the attack rows too
+        assert list(cfg.eps_grid) == list(certify.radii) == [0, 0.25, 0.5, 1.0]
+        assert certify.sigma is None and instantiate(certify.attack).norm == "l2"
     assert compose_cfg("eval", ["ckpt_path=x.ckpt"], tmp_path).evaluation.name == "standard"
     corruptions = cfg.evaluation.corruptions  # one node, conf/corruptions, where mounted
     assert (corruptions is not None) == (preset in ("full", "xu2021", "corruptions"))
@@ -170,12 +179,13 @@ def test_threat_reaches_every_attack(norm, eps, tmp_path):
                                     f"threat.eps={eps}"], tmp_path)
         val = instantiate_node(cfg, "attack")
         assert (val.norm, val.eps) == (norm, pytest.approx(value))
-        if defense == "n_fgsm" and norm == "l2":  # N-FGSM is defined for L-inf only
+        if (defense, norm) in (("n_fgsm", "l2"), ("smoothadv", "linf")):
+            # N-FGSM is defined for L-inf only, SmoothAdv (the smoothed classifier) for L2
             with pytest.raises(ConfigError, match="norm"):
                 build_defense(cfg)
             continue
         attacks = list(build_defense(cfg)[0].attacks.values())
-        assert attacks or defense == "none", defense
+        assert attacks or defense in ("none", "gaussian"), defense
         for atk in attacks:
             assert atk.norm == norm, (defense, atk)
         radii = [a.eps for a in attacks]

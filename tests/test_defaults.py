@@ -66,6 +66,12 @@ def test_module_and_callback_options_live_in_their_yaml(tmp_path):
         _check(node._target_, set(node) - {"_target_"}, f"callbacks.{key}")
 
 
+def test_certifier_options_live_in_their_yaml(tmp_path):
+    node = compose_cfg("eval", ["ckpt_path=x.ckpt", "evaluation=certify"], tmp_path
+                       ).evaluation.certify
+    _check(node._target_, set(node) - {"_target_"}, "conf/evaluation/certify.yaml")
+
+
 def test_no_default_restated_by_a_preset_of_the_same_class():
     """Presets that extend another (defaults: - pgd) set only what differs."""
     for path in sorted((CONF / "attack").glob("*.yaml")):

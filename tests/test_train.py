@@ -44,8 +44,10 @@ DEFENSES = sorted(p.stem for p in (ROOT / "conf" / "defense").glob("*.yaml"))
 def test_each_defense_trains(train_cfg, defense):
     # MPAdvT as released draws clean batches half the time: make both batches adversarial
     extra = ["defense.p_adv=1.0"] if defense == "mpadvt_released" else []
+    if defense == "smoothadv":  # the smoothed classifier is attacked in L2
+        extra += ["threat=l2"]
     result = train(train_cfg(f"defense={defense}", "module.eps_warmup_epochs=1", *extra))
-    _assert_run_outputs(result)
+    _assert_run_outputs(result, eps=0.5 if defense == "smoothadv" else 8 / 255)
     assert result["defense"]["defense"] == defense
     csv_log = Path(result["output_dir"]) / "csv" / "metrics.csv"
     header = csv_log.read_text().splitlines()[0].split(",")
@@ -55,10 +57,18 @@ def test_each_defense_trains(train_cfg, defense):
         assert "train/adv_acc" in header
 
 
+SINGLE_LABEL_DEFENSES = ("gaussian", "smoothadv")  # randomized smoothing certifies an argmax
+
+
 @pytest.mark.parametrize("defense", DEFENSES)
 def test_each_defense_trains_multilabel(train_cfg, defense):
-    result = train(train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3",
-                             f"defense={defense}"))
+    cfg = train_cfg("experiment=synthetic_multilabel", "datamodule.num_classes=3",
+                    f"defense={defense}", *(["threat=l2"] if defense == "smoothadv" else []))
+    if defense in SINGLE_LABEL_DEFENSES:  # refused at start-up, in one line
+        with pytest.raises(ConfigError, match=f"defense={defense} trains multiclass tasks only"):
+            train(cfg)
+        return
+    result = train(cfg)
     _assert_run_outputs(result, task="multilabel")
     assert result["defense"]["defense"] == defense
 

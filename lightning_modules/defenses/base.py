@@ -36,6 +36,7 @@ class Defense:
 
     name = "defense"
     attacks: dict = {}
+    tasks: tuple[str, ...] = ("multiclass", "multilabel")  # the tasks it can train
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,

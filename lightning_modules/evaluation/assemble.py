@@ -11,11 +11,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_modules.attacks import PGD, Attack, AutoAttack
+from lightning_modules.core.config import instantiate_node
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.tasks import SCORE_METRIC, Task, chance_level
 from lightning_modules.core.threat import format_eps
+from lightning_modules.evaluation.certify import Certifier
 from lightning_modules.evaluation.honesty import (
     Check,
+    certify_checks,
     failed,
     model_checks,
     probe_checks,
@@ -25,7 +28,7 @@ from lightning_modules.evaluation.module import EvaluationModule
 from lightning_modules.evaluation.schema import EvalReport, software_versions
 from lightning_modules.evaluation.writer import cost_table
 
-__all__ = ["assemble_report", "honesty_checks", "stop_if_failed"]
+__all__ = ["assemble_report", "build_certifier", "honesty_checks", "stop_if_failed"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,27 @@ def assemble_report(ckpt_path: str, ckpt: dict, train_cfg: DictConfig, task: str
         results=module.rows(), software=software_versions(), resumed_batches=module.resumed)
 
 
+def build_certifier(options: Any, train_cfg: DictConfig, task: str
+                    ) -> tuple[Certifier | None, str | None]:
+    """``evaluation.certify``'s :class:`Certifier` (or ``None``) and where its sigma came from:
+    ``evaluation.certify.sigma``, else the checkpoint's ``defense.sigma``."""
+    node = options.get("certify")
+    if node is None:
+        return None, None
+    if task != "multiclass":
+        raise ConfigError(f"evaluation=certify is single-label (the certificate is about the "
+                          f"argmax class); the checkpoint is {task}")
+    sigma, source = node.get("sigma"), "evaluation.certify.sigma"
+    if sigma is None:
+        defense = train_cfg.get("defense") or {}
+        sigma, source = defense.get("sigma"), "checkpoint (defense.sigma)"
+        if sigma is None:
+            raise ConfigError(f"evaluation.certify.sigma is null and the checkpoint's defense "
+                              f"({defense.get('name', '?')}) stores no sigma: set "
+                              "evaluation.certify.sigma (e.g. 0.25)")
+    return instantiate_node(options, "certify", sigma=sigma), source
+
+
 def honesty_checks(report: EvalReport, module: EvaluationModule, net: nn.Module,
                    attacks: dict[str, Attack], eps_grid: list[float], probes: bool
                    ) -> list[Check]:
@@ -74,6 +98,8 @@ def honesty_checks(report: EvalReport, module: EvaluationModule, net: nn.Module,
     data = report.as_dict()
     checks = report_checks(data["clean"], data["results"], module.n_images, metrics, kinds,
                            bounded=("acc", "bal_acc") if task == "multiclass" else ())
+    if report.certify:
+        checks += certify_checks(report.certify, n_images=module.n_images)
     if module.probe is None:  # a DDP rank whose shard held no batch
         return checks
     checks = checks + model_checks(net, *module.probe, Task(task))

@@ -20,7 +20,8 @@ from lightning_modules.attacks import PGD, attack_mode
 from lightning_modules.attacks.config import attack_from_config
 from lightning_modules.core.tasks import Task
 
-__all__ = ["Check", "report_checks", "model_checks", "probe_checks", "failed"]
+__all__ = ["Check", "report_checks", "model_checks", "probe_checks", "certify_checks",
+           "failed"]
 
 
 @dataclass
@@ -210,6 +211,33 @@ def probe_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
                          f"Square ({square_queries} queries) {acc_sq:.4f}, white-box PGD "
                          f"{white:.4f} ({n} images)"))
     return out
+
+
+def certify_checks(block: dict, n_images: int) -> list[Check]:
+    """``certified_not_above_empirical``: at each radius of the ``certify`` block (randomized
+    smoothing) that an attack on the smoothed classifier also ran at, the certified accuracy is
+    not above that attack's accuracy plus its undecided votes (where the smoothed classifier's
+    vote at the attacked image is statistically a tie, a correct model may lose it by chance)
+    and one image. A certificate is a lower bound on accuracy under every attack of that size:
+    above one, the certificate is wrong (a sigma other than the model's noise, a bound that
+    is not one, the noise not reaching the model). Rows that attack the base classifier alone
+    are a different model and are not compared."""
+    tol = 1.0 / max(1, n_images) + 1e-9
+    emp = block.get("empirical_smoothed") or {}
+    seen, above = [], []
+    for radius, acc in (block.get("certified_acc") or {}).items():
+        e = emp.get(radius)
+        if e is None:
+            continue
+        seen.append(radius)
+        if acc > e["acc"] + e.get("undecided", 0.0) + tol:
+            above.append(f"certified {acc:.4f} > attacked {e['acc']:.4f} (+{e['undecided']:.4f} "
+                         f"undecided) @ L2 {radius}")
+    if not seen:
+        return []
+    return [Check("certified_not_above_empirical", not above,
+                  "; ".join(above) if above else
+                  f"certified <= PGD on the smoothed classifier at L2 {', '.join(seen)}")]
 
 
 def failed(checks: list[Check]) -> list[Check]:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torchmetrics
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -30,6 +32,7 @@ from lightning_modules.attacks import Attack
 from lightning_modules.core.config import instantiate_node
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.tensors import to_memory_format
+from lightning_modules.evaluation.certify import Certifier
 from lightning_modules.evaluation.engine import EvalBatch, RobustEvaluator
 from lightning_modules.evaluation.schema import WORST, Cell, ResultRow
 
@@ -67,6 +70,29 @@ def worst_case_groups(cells: Mapping[str, Cell]) -> dict[str, list[str]]:
                     and c.eps == w.eps] for w in cells.values() if w.worst}
 
 
+class CatRows(torchmetrics.Metric):
+    """Per-image rows (certification) concatenated across batches and DDP ranks, and the
+    seconds they took, summed."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("rows", default=[], dist_reduce_fx="cat")
+        self.add_state("seconds", default=torch.zeros((), dtype=torch.float64),
+                       dist_reduce_fx="sum")
+
+    def update(self, rows: torch.Tensor, seconds: float) -> None:
+        self.rows.append(rows)
+        self.seconds += seconds
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows
+        if isinstance(rows, list):
+            rows = torch.cat(rows) if rows else torch.zeros(0, 0, dtype=torch.float64)
+        return rows, self.seconds
+
+
 class EvaluationModule(L.LightningModule):
     """Args:
         net: the trained backbone (images in [0, 1] -> logits).
@@ -76,6 +102,10 @@ class EvaluationModule(L.LightningModule):
         channels_last: run in channels-last memory format (as the training run did).
         cascade: at each radius, each attack runs only on the images every earlier attack
             failed on (rows become cumulative; see :class:`RobustEvaluator`).
+        certifier: with ``evaluation=certify``, each image is also certified by randomized
+            smoothing (:class:`~lightning_modules.evaluation.certify.Certifier`), its noise
+            seeded by ``seed`` and the image's index in the split; :attr:`certified` holds
+            every image's row (all ranks) and :attr:`certify_seconds` the time it took.
         resume_dir: keep each batch's logits and costs there (``rank<r>-batch<i>.pt``); a
             batch already saved with the same ``signature`` and labels is not attacked
             again, so a killed evaluation resumes (later batches draw fresh random starts).
@@ -90,7 +120,8 @@ class EvaluationModule(L.LightningModule):
                  attacks: Mapping[str, Attack], eps_grid: Sequence[float],
                  channels_last: bool = False, class_names: list[str] | None = None,
                  cascade: bool = False, resume_dir: Path | None = None,
-                 signature: dict | None = None) -> None:
+                 signature: dict | None = None, certifier: Certifier | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format)
@@ -108,6 +139,11 @@ class EvaluationModule(L.LightningModule):
         self.resume_dir = None if resume_dir is None else Path(resume_dir)
         self.signature = signature or {}
         self.resumed = 0  # batches read back from resume_dir
+        self.certifier, self.seed, self.num_classes = certifier, int(seed), int(num_classes)
+        self.certify_stats = CatRows()
+        self.certified: torch.Tensor | None = None
+        self.certify_seconds = 0.0
+        self._seen = 0  # images of this rank's shard so far (their index in the split)
 
     def rows(self) -> list[ResultRow]:
         """The report rows in the engine's order: the attack cells, then the worst cases
@@ -121,6 +157,8 @@ class EvaluationModule(L.LightningModule):
             raise RuntimeError("evaluation needs gradients: build the Trainer with "
                                "inference_mode=False (conf/trainer/default.yaml sets it)")
         self.evaluator.reset()
+        self.certify_stats.reset()
+        self._seen = 0
 
     on_validation_start = on_test_start
 
@@ -128,21 +166,43 @@ class EvaluationModule(L.LightningModule):
         x, y = batch
         if batch_idx == 0:  # kept for the honesty checks' model probes, no second data pass
             self.probe = (x.detach(), y.detach())
+        # ShardSampler: rank r reads images r, r + w, ... of the split
+        world = self._trainer.world_size if self._trainer is not None else 1
+        indices = [self.global_rank + (self._seen + j) * world
+                   for j in range(x.shape[0])]
+        self._seen += x.shape[0]
         path = None if self.resume_dir is None else \
             self.resume_dir / f"rank{self.global_rank}-batch{batch_idx:06d}.pt"
         if path is not None and path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if saved.get("signature") == self.signature and torch.equal(saved["y"], y.cpu()):
                 self.evaluator.record(EvalBatch.from_state(saved["batch"], y.device), y)
+                if self.certifier is not None:
+                    self.certify_stats.update(saved["certify"].to(y.device),
+                                              float(saved["certify_seconds"]))
                 self.resumed += 1
                 return
-        out = self.evaluator.attack_batch(self.net, to_memory_format(x, self.memory_format), y)
+        x = to_memory_format(x, self.memory_format)
+        out = self.evaluator.attack_batch(self.net, x, y)
+        rows, seconds = None, 0.0
+        if self.certifier is not None:
+            start = time.perf_counter()
+            rows = self.certifier.run(self.net, x, y, indices, self.seed, self.num_classes)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            seconds = time.perf_counter() - start
+            log.info("certified batch %d (%d images, %.2f s per image)", batch_idx,
+                     x.shape[0], seconds / max(1, x.shape[0]))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            torch.save({"signature": self.signature, "y": y.cpu(), "batch": out.state()}, tmp)
+            extra = {} if rows is None else {"certify": rows, "certify_seconds": seconds}
+            torch.save({"signature": self.signature, "y": y.cpu(), "batch": out.state(),
+                        **extra}, tmp)
             tmp.replace(path)
         self.evaluator.record(out, y)
+        if rows is not None:
+            self.certify_stats.update(rows.to(y.device), seconds)
 
     validation_step = test_step
 
@@ -151,6 +211,10 @@ class EvaluationModule(L.LightningModule):
         self.n_images = self.evaluator.count()
         self.cost = self.evaluator.cost()
         self.evaluator.reset()
+        if self.certifier is not None:
+            self.certified, seconds = self.certify_stats.compute()
+            self.certified, self.certify_seconds = self.certified.cpu(), float(seconds)
+            self.certify_stats.reset()
 
     on_validation_epoch_end = on_test_epoch_end
 
@@ -173,8 +237,8 @@ def build_attacks(nodes: DictConfig, task: str) -> tuple[dict[str, Attack], dict
 
 def resume_signature(ckpt_path: str, ckpt: dict, attacks: Mapping[str, Attack],
                      eps_grid: list[float], cascade: bool, split: str, subset: int | None,
-                     n_split: int | None, seed: int | None, datamodule: Any, trainer: Any
-                     ) -> dict[str, Any]:
+                     n_split: int | None, seed: int | None, datamodule: Any, trainer: Any,
+                     certify: dict[str, Any] | None = None) -> dict[str, Any]:
     """What saved batches must match to be reused after a kill (plain values only)."""
     def plain(node: Any) -> Any:
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
@@ -183,6 +247,6 @@ def resume_signature(ckpt_path: str, ckpt: dict, attacks: Mapping[str, Attack],
         "checkpoint": str(Path(ckpt_path).resolve()), "epoch": ckpt.get("epoch"),
         "global_step": ckpt.get("global_step"), "split": split, "subset": subset,
         "n_split": n_split, "seed": seed, "eps_grid": eps_grid, "cascade": cascade,
-        "attacks": {n: a.describe() for n, a in attacks.items()},
+        "attacks": {n: a.describe() for n, a in attacks.items()}, "certify": certify,
         "datamodule": plain(datamodule) if datamodule else None,
         "trainer": plain(trainer)}, default=str))

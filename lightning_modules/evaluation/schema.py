@@ -22,7 +22,8 @@ from lightning_modules.core.threat import format_eps
 
 __all__ = ["Cell", "EvalReport", "ResultRow", "SCHEMA_VERSION", "WORST", "software_versions"]
 
-SCHEMA_VERSION = 3  # 3: rows name their worst-case group; corruptions and threat blocks typed
+SCHEMA_VERSION = 4  # 3: rows name their worst-case group; corruptions and threat blocks typed;
+#                     4: the certify block (randomized smoothing)
 WORST = "worst"     # the worst-case group of one norm; "worst-<norm>" when several are mounted
 
 
@@ -134,6 +135,8 @@ class EvalReport:
     output_dir: str | None = None
     analyses: dict[str, Any] | None = None  # evaluation.analyses: the second study's analyses
     corruptions: dict[str, Any] | None = None  # evaluation.corruptions: the benchmark's block
+    certify: dict[str, Any] | None = None  # evaluation.certify: certified accuracy at radii,
+    #                                        average radius, abstentions, the smoothed classifier
     resumed_batches: int = 0      # batches read back from an interrupted run's partial files
     schema_version: int = SCHEMA_VERSION
 

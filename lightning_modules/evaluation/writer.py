@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_modules.core.io import write_json
+from lightning_modules.evaluation.certify import certify_markdown, plot_certified
 from lightning_modules.evaluation.corruptions.benchmark import corruption_markdown
 from lightning_modules.evaluation.schema import ResultRow
 
@@ -45,6 +46,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
             writer.writerow({k: row.get(k) for k in fields})
     tmp.replace(out_dir / "report.csv")
     plot_report(report, out_dir / "accuracy_vs_eps.png")
+    if report.get("certify"):
+        plot_certified(report["certify"], out_dir / "certified_accuracy.png")
     (out_dir / "report.md").write_text(summary_markdown(report))
 
 
@@ -188,4 +191,6 @@ def summary_markdown(report: dict[str, Any]) -> str:
         lines += [""] + [f"![{k}](analyses/{f})" for k, f in ana["files"].items()] + [""]
     if report.get("corruptions"):
         lines += corruption_markdown(report["corruptions"], "corruptions")
+    if report.get("certify"):
+        lines += certify_markdown(report["certify"], report["results"])
     return "\n".join(lines)

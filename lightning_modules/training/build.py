@@ -45,6 +45,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
                               f"{', ' + str(cfg.backbone.name) if 'name' in cfg.backbone else ''})"
                               f": {err}") from err
     defense, selection = build_defense(cfg)
+    task = cfg.datamodule.get("task")
+    if task is not None and task not in defense.tasks:
+        raise ConfigError(f"defense={defense.name} trains {'/'.join(defense.tasks)} tasks only, "
+                          f"this one is datamodule.task={task}")
     val_attack = instantiate_node(cfg, "attack")
     module = instantiate_node(
         cfg, "module", net=net, defense=defense, val_attack=val_attack,
