@@ -15,7 +15,9 @@ pieces: ``lightning_modules/evaluation/``.
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, open_dict
 
 from datamodules import complete_stored_config
@@ -42,9 +45,16 @@ from lightning_modules.evaluation.comparison import comparison_rows, write_compa
 from lightning_modules.evaluation.corruptions.benchmark import corruption_benchmark
 from lightning_modules.evaluation.corruptions.images import set_for_datamodule
 from lightning_modules.evaluation.gap_fit import prepare_gap
-from lightning_modules.evaluation.module import EvaluationModule, build_attacks, resume_signature
+from lightning_modules.evaluation.module import (
+    EvaluationModule,
+    attack_radii,
+    build_attacks,
+    resume_signature,
+)
+from lightning_modules.evaluation.preflight import more_steps_preflight
 from lightning_modules.evaluation.wandb_log import log_report
 from lightning_modules.evaluation.writer import summary_markdown, write_report
+from lightning_modules.training import resume
 
 log = logging.getLogger("medrobust.evaluate")
 register_resolvers()
@@ -78,18 +88,28 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = ckpts.report_dir(cfg.ckpt_path, cfg.get("output_dir"))
     gap_info = prepare_gap(cfg, attacks, net, task, train_cfg, datamodule, out_dir, ckpt)
     n_split = datamodule.take_subset(split, cfg.get("subset"), seed)
+    threat_eps = parse_eps(cfg.threat.eps, "threat.eps")
+    radii = attack_radii(options.get("radii"), attacks, threat_eps, eps_grid)
+    preflight = None
+    if options.probes:  # stronger PGD first: joins the evaluation when it finds more
+        eps = threat_eps if any(abs(threat_eps - e) < 1e-9 for e in eps_grid) else max(eps_grid)
+        preflight, stronger = more_steps_preflight(
+            net, {n: a for n, a in attacks.items() if n not in radii or eps in radii[n]}, eps,
+            task, num_classes, cascade, datamodule, split, seed, out_dir, cfg.trainer)
+        attacks.update(stronger)
+        radii.update({name: [eps] for name in stronger})
     class_names = list(getattr(datamodule, "class_names", None) or []) or None
     certifier, sigma_source = build_certifier(options, train_cfg, task)
     signature = resume_signature(cfg.ckpt_path, ckpt, attacks, eps_grid, cascade, split,
                                  cfg.get("subset"), n_split, cfg.get("seed"),
                                  cfg.get("datamodule"), cfg.trainer,
-                                 certifier.describe() if certifier else None)
+                                 certifier.describe() if certifier else None, radii)
     try:
         module = EvaluationModule(
             net, task, num_classes, attacks, eps_grid, class_names=class_names, cascade=cascade,
             channels_last=bool((train_cfg.get("module") or {}).get("channels_last")),
             resume_dir=out_dir / "partial" if cfg.resume else None, signature=signature,
-            certifier=certifier, seed=seed)
+            certifier=certifier, seed=seed, radii=radii)
     except ValueError as err:
         raise ConfigError(f"attacks: {err}") from err
     datamodule.shard_eval = True  # every image once across DDP ranks, no padding duplicates
@@ -98,7 +118,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if trainer.test_loop.inference_mode or trainer.validate_loop.inference_mode:
         raise ConfigError("trainer.inference_mode must be false: attacks need gradients")
     run = trainer.test if split == "test" else trainer.validate
-    run(module, datamodule=datamodule, verbose=False)
+    try:
+        with resume.lightning_handles_sigterm():  # Lightning stops after the current batch
+            run(module, datamodule=datamodule, verbose=False)
+    except SIGTERMException:
+        raise interrupted(cfg, out_dir) from None
     if module.n_images == 0:
         raise ConfigError(f"the {split} split is empty")
 
@@ -108,7 +132,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if certifier is not None:
         rep.certify = certify_summary(module.certified, certifier, module.certify_seconds,
                                       sigma_source)
-    checks = honesty_checks(rep, module, net, attacks, eps_grid, bool(options.probes))
+    checks = honesty_checks(rep, module, net, attacks, eps_grid, bool(options.probes),
+                            before=[preflight] if preflight else [])
     if options.analyses and trainer.is_global_zero:
         rep.analyses = analyses_for_report(options, net, datamodule, split, task, num_classes,
                                            attacks, eps_grid, class_names, out_dir, seed)
@@ -128,6 +153,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if options.strict:
         stop_if_failed(checks, out_dir)
     return report
+
+
+def interrupted(cfg: DictConfig, out_dir: Path) -> resume.TrainingInterrupted:
+    """SIGTERM during the evaluation: the batches done are kept (``resume=true``); one line
+    saying where and how to resume."""
+    partial = out_dir / "partial"
+    kept = len(list(partial.glob("rank*-batch*.pt"))) if cfg.resume else 0
+    command = "python evaluate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    where = (f"{kept} batch file(s) kept in {partial}; rerun the same command to resume: "
+             f"{command}" if cfg.resume else "resume=false: nothing kept")
+    return resume.TrainingInterrupted(f"stopped by SIGTERM while evaluating; {where}")
 
 
 def _baseline(path: Path):
@@ -160,14 +196,19 @@ def evaluate_many(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     rank0 = not torch.distributed.is_available() or not torch.distributed.is_initialized() \
         or torch.distributed.get_rank() == 0
-    with exit_on_config_error(log):
-        if isinstance(cfg.ckpt_path, ListConfig) or Path(str(cfg.ckpt_path)).is_dir():
-            many = evaluate_many(cfg)
-            if rank0:
-                print((Path(many["output_dir"]) / "comparison.md").read_text(), flush=True)
-            print(f"comparison written to {many['output_dir']}", flush=True)
-            return
-        report = evaluate(cfg)
+    try:
+        with resume.sigterm_interrupts(), exit_on_config_error(log):
+            if isinstance(cfg.ckpt_path, ListConfig) or Path(str(cfg.ckpt_path)).is_dir():
+                many = evaluate_many(cfg)
+                if rank0:
+                    print((Path(many["output_dir"]) / "comparison.md").read_text(), flush=True)
+                print(f"comparison written to {many['output_dir']}", flush=True)
+                return
+            report = evaluate(cfg)
+    except resume.TrainingInterrupted as err:  # SIGTERM: the batches done are kept, exit 143
+        log.error("%s", err)
+        print(f"medrobust: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(resume.SIGTERM_EXIT_CODE) from None
     if rank0:
         print(summary_markdown(report), flush=True)
     print(f"report written to {report['output_dir']}", flush=True)

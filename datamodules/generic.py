@@ -104,6 +104,14 @@ class FolderDataModule(ImageTableDataModule):
         if not paths:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders of "
                              f"{root}")
+        found = sorted(set(labels))
+        if len(found) < 2:
+            inner = [d for d in _subdirs(os.path.join(layout[0][1], found[0]))] if found else []
+            hint = (f"; it holds {inner[:6]}: point datamodule.data_dir at "
+                    f"{os.path.join(layout[0][1], found[0])}" if inner else "")
+            raise ValueError(f"datamodule.data_dir={root!r}: one class sub-folder {found} "
+                             f"(a classifier needs two or more, one sub-folder per class, "
+                             f"optionally under train/val/test){hint}")
         targets, classes = _class_index(labels, self.hparams.classes, root)
         return ImageTable(paths=paths, targets=targets, class_names=classes, task="multiclass",
                           source=root, splits=np.array(splits),

@@ -132,8 +132,10 @@ def test_option_composes_and_builds(group, option, tmp_path, ham_dir, monkeypatc
 
 
 @pytest.mark.parametrize("preset,attacks,cascade", [
-    ("quick", {"pgd"}, False), ("standard", {"pgd", "aa"}, True),
-    ("full", {"fgsm", "pgd", "pgd_cw", "pgd_t", "aa", "pgd_hide", "pgd_add", "gap"}, False),
+    ("quick", {"pgd"}, False), ("standard", {"pgd", "fast"}, True),
+    ("autoattack", {"pgd", "aa"}, False),
+    ("full", {"fgsm", "pgd", "pgd_cw", "pgd_t", "fast", "aa", "pgd_hide", "pgd_add", "gap"},
+     False),
     ("xu2021", {"pgd", "gap"}, False), ("corruptions", {"pgd"}, False),
     ("certify", {"pgd"}, False)])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -195,7 +197,7 @@ def test_threat_reaches_every_attack(norm, eps, tmp_path):
             assert radii == pytest.approx([value] * len(attacks)), defense
     cfg = compose_cfg("eval", ["ckpt_path=x.ckpt", f"threat.norm={norm}", f"threat.eps={eps}"],
                       tmp_path)
-    assert set(cfg.attacks) == {"pgd", "aa"}  # evaluation=standard
+    assert set(cfg.attacks) == {"pgd", "fast"}  # evaluation=standard
     for name in cfg.attacks:
         atk = instantiate_node(cfg.attacks, name)
         assert (atk.norm, atk.eps) == (norm, pytest.approx(value)), name
@@ -216,7 +218,7 @@ def test_per_attack_override_wins(tmp_path):
                                "attacks.pgd.norm=l2", "threat.norm=linf", "threat.eps=8/255"],
                       tmp_path)
     assert {n: instantiate_node(cfg.attacks, n).norm for n in cfg.attacks} == {
-        "aa": "linf", "pgd": "l2", "pgd_l2": "l2"}
+        "fast": "linf", "pgd": "l2", "pgd_l2": "l2"}
 
 
 def test_each_attack_is_written_once():

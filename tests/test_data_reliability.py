@@ -566,3 +566,21 @@ def test_medmnist_identical_images_in_two_official_splits_are_counted(tmp_path, 
                          download=False, num_workers=0)
     assert "pixel-identical images in two official splits (3 train/test)" in caplog.text
     assert len(dm.targets("test")) == 12  # kept as published
+
+
+def test_folder_with_one_class_names_the_folder_to_use(train_cfg, tmp_path, capsys):
+    """data_dir one level too high (the Kermany release's chest_xray/ inside): one line that
+    names the folder to point at, not a num_classes error from deep inside."""
+    import logging
+
+    from lightning_modules.core.errors import exit_on_config_error
+
+    root = layouts.write_pneumonia(tmp_path / "kermany").parent  # the release's top folder
+    cfg = train_cfg("datamodule=folder", f"datamodule.data_dir={root}", "datamodule.num_classes=2")
+    with pytest.raises(SystemExit) as stop, exit_on_config_error(logging.getLogger("t")):
+        train(cfg)
+    assert stop.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.startswith("medrobust")]
+    assert len(err) == 1 and "one class sub-folder ['chest_xray']" in err[0], err
+    assert f"point datamodule.data_dir at {root / 'chest_xray'}" in err[0]

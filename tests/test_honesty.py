@@ -1,6 +1,8 @@
-"""Each honesty check passes on an honest model and fires on a model built to trip it: a
-softmax output layer, a non-differentiable step, a random model; and on report rows that
-break eps = 0, monotonicity or the worst case."""
+"""Each honesty check passes on an honest model and fires on a model or attack built to trip
+it: a softmax output layer, a non-differentiable step (on every image, or on half of them), a
+random model, a constant binary model, an attack that leaves its ball, a one-step PGD labelled
+PGD-20; and on report rows that break monotonicity, the worst case (of any group) or the
+agreement of PGD with AutoAttack and the fast attack."""
 
 from __future__ import annotations
 
@@ -10,7 +12,16 @@ from torch import nn
 
 from lightning_modules.attacks import PGD, attack_from_config
 from lightning_modules.core.tasks import Task
-from lightning_modules.evaluation.honesty import failed, model_checks, probe_checks, report_checks
+from lightning_modules.evaluation.engine import RobustEvaluator
+from lightning_modules.evaluation.honesty import (
+    attack_kind,
+    failed,
+    model_checks,
+    more_steps_check,
+    probe_checks,
+    report_checks,
+    stronger_pgd,
+)
 from tests.conftest import attack_kwargs
 
 TASK = Task("multiclass")
@@ -52,16 +63,37 @@ class Random(nn.Module):
         return self.net(x + 0.1 * torch.randn_like(x))
 
 
+class HalfStep(nn.Module):  # every other image of the batch through the rounding step
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        odd = (torch.arange(x.shape[0], device=x.device) % 2 == 1).view(-1, 1, 1, 1)
+        return self.net(torch.where(odd, torch.round(x * 4) / 4, x))
+
+
 @pytest.mark.parametrize("wrap,fires", [(Softmax, "outputs_are_logits"),
                                         (Step, "gradients_nonzero_finite"),
+                                        (HalfStep, "gradients_nonzero_finite"),
                                         (Random, "deterministic")])
 def test_each_model_check_fires_on_a_model_built_to_trip_it(trained_model, wrap, fires):
     model, x, y = trained_model
     assert fires in _names(model_checks(wrap(model), x[:32], y[:32], TASK))
 
 
-def _row(attack, eps, acc):
-    return {"attack": attack, "eps": eps, "eps_str": f"{round(eps * 255)}/255", "acc": acc}
+def test_saturated_logits_pass_the_gradient_check_on_the_margin(trained_model):
+    """A saturated softmax zeroes the cross-entropy gradient but not the margin's: the check
+    reads the margin (what the attacks use) and states the saturated share."""
+    model, x, y = trained_model
+    check = next(c for c in model_checks(Saturated(model), x[:32], y[:32], TASK)
+                 if c.check == "gradients_nonzero_finite")
+    assert check.passed and "saturated) for 0%" not in check.detail
+
+
+def _row(attack, eps, acc, group=None):
+    return {"attack": attack, "eps": eps, "eps_str": f"{round(eps * 255)}/255", "acc": acc,
+            **({"group": group} if group else {})}
 
 
 def test_report_checks_fire_on_bad_rows():
@@ -72,10 +104,75 @@ def test_report_checks_fire_on_bad_rows():
     bad = [_row("pgd", 0, 0.85), _row("pgd", 2 / 255, 0.3), _row("pgd", 8 / 255, 0.4),
            _row("fgsm", 2 / 255, 0.25), _row("worst", 2 / 255, 0.28)]
     assert _names(report_checks(clean, bad, n_images=100)) == {
-        "eps_zero_reproduces_clean", "monotone_in_eps", "worst_case_not_above_attacks"}
+        "monotone_in_eps", "worst_case_not_above_attacks"}
     # a rise of one image in 100 is noise of a random start, not a flag
     noisy = [_row("pgd", 2 / 255, 0.30), _row("pgd", 4 / 255, 0.31)]
     assert not failed(report_checks(clean, noisy, n_images=100))
+
+
+def test_worst_case_check_reads_every_group():
+    """``worst-linf`` / ``worst-l2`` rows (attacks of two norms) are each checked against their
+    own group, not skipped for their name."""
+    rows = [_row("pgd", 2 / 255, 0.5, "worst-linf"), _row("worst-linf", 2 / 255, 0.45,
+                                                           "worst-linf"),
+            {**_row("pgd_l2", 0.5, 0.3, "worst-l2"), "norm": "l2"},
+            {**_row("worst-l2", 0.5, 0.35, "worst-l2"), "norm": "l2"}]
+    checks = report_checks({"acc": 0.9}, rows, n_images=100)
+    bad = next(c for c in checks if c.check == "worst_case_not_above_attacks")
+    assert not bad.passed and "worst-l2" in bad.detail and "worst-linf" not in bad.detail
+    rows[3]["acc"] = 0.3
+    assert not failed(report_checks({"acc": 0.9}, rows, n_images=100))
+
+
+def test_attack_kind_tells_the_reference_pgd_from_its_variants():
+    describe = attack_from_config("pgd_eval").describe()
+    assert attack_kind(describe) == "pgd"
+    assert attack_kind(attack_from_config("pgd_cw").describe()) == "pgd-margin"
+    assert attack_kind(attack_from_config("pgd_targeted").describe()) == "pgd-random"
+    assert attack_kind(attack_from_config("fast").describe()) == "fast"
+
+
+def test_agreement_compares_autoattack_with_the_reference_pgd_only():
+    """In evaluation=full every PGD is named ``pgd``: a margin PGD far below AutoAttack is no
+    disagreement of PGD with AutoAttack."""
+    kinds = {"pgd": "pgd", "pgd_cw": "pgd-margin", "aa": "autoattack"}
+    rows = [_row("pgd", 2 / 255, 0.50), _row("pgd_cw", 2 / 255, 0.30), _row("aa", 2 / 255, 0.49)]
+    assert not failed(report_checks({"acc": 0.9}, rows, n_images=100, kinds=kinds))
+
+
+def test_agreement_under_the_cascade_tests_one_direction_and_says_so():
+    kinds = {"pgd": "pgd", "fast": "fast"}
+    far = [_row("pgd", 2 / 255, 0.50), _row("fast", 2 / 255, 0.30)]  # PGD overestimates
+    checks = report_checks({"acc": 0.9}, far, n_images=100, kinds=kinds, cascade=True)
+    check = next(c for c in checks if c.check == "pgd_and_fast_agree")
+    assert not check.passed and "only PGD above it" in check.detail
+    close = [_row("pgd", 2 / 255, 0.50), _row("fast", 2 / 255, 0.49)]
+    check = next(c for c in report_checks({"acc": 0.9}, close, n_images=100, kinds=kinds,
+                                          cascade=True) if c.check == "pgd_and_fast_agree")
+    assert check.passed and "only PGD above it" in check.detail
+
+
+class Overshoots(PGD):  # PGD without the projection: twice the radius
+    def _perturb(self, model, x, y, task, loss_fn):
+        return (x + 2 * self.eps * torch.randn_like(x).sign()).clamp(0, 1)
+
+
+def test_threat_model_check_fires_on_an_attack_that_leaves_its_ball(trained_model):
+    model, x, y = trained_model
+    honest = attack_from_config("pgd_eval", eps=8 / 255, steps=3)
+    bad = Overshoots(**attack_kwargs("pgd_eval", eps=8 / 255, steps=3))
+    engine = RobustEvaluator("multiclass", 4, {"pgd": honest, "bad": bad},
+                             worst_case={"worst": ["pgd", "bad"]}, cascade=True)
+    engine.update(model, x[:32], y[:32])
+    cost = engine.cost()
+    assert cost["pgd"]["outside_threat_model"] == 0 and cost["bad"]["outside_threat_model"] > 0
+    rows = [_row("pgd", 8 / 255, 0.5)]
+    check = next(c for c in report_checks({"acc": 0.9}, rows, 32, cost=cost)
+                 if c.check == "attacks_stay_in_threat_model")
+    assert not check.passed and "bad" in check.detail
+    check = next(c for c in report_checks({"acc": 0.9}, rows, 32, cost={"pgd": cost["pgd"]})
+                 if c.check == "attacks_stay_in_threat_model")
+    assert check.passed
 
 
 def test_pgd_and_autoattack_agree_check():
@@ -112,7 +209,8 @@ def test_worst_case_bounds_only_per_sample_metrics():
 
 def test_checks_with_nothing_to_test_are_left_out():
     names = {c.check for c in report_checks({"acc": 0.9}, [_row("pgd", 2 / 255, 0.5)], 100)}
-    assert not names & {"eps_zero_reproduces_clean", "monotone_in_eps"}
+    assert not names & {"monotone_in_eps", "worst_case_not_above_attacks",
+                        "attacks_stay_in_threat_model"}
 
 
 # ----------------------------------------------------------------- attack probes (one batch)
@@ -122,7 +220,7 @@ PGD_REF = attack_from_config("pgd", eps=16 / 255, steps=10, model_mode="eval", e
 def test_probes_pass_on_an_honest_model_and_attack(trained_model):
     model, x, y = trained_model
     checks = probe_checks(model, x, y, TASK, 4, PGD_REF, square_queries=100, max_images=32)
-    assert {c.check for c in checks} == {"large_eps_reaches_chance", "more_steps_never_help",
+    assert {c.check for c in checks} == {"large_eps_breaks_the_model",
                                          "square_not_above_white_box"}
     assert not failed(checks), checks
 
@@ -130,11 +228,6 @@ def test_probes_pass_on_an_honest_model_and_attack(trained_model):
 class NoOpPGD(PGD):  # an attack that silently does nothing
     def _perturb(self, model, x, y, task, loss_fn):
         return x
-
-
-class FadesWithSteps(PGD):  # a "stronger" attack that is weaker: broken for many steps
-    def _perturb(self, model, x, y, task, loss_fn):
-        return x if self.steps > 20 else super()._perturb(model, x, y, task, loss_fn)
 
 
 class Saturated(nn.Module):  # logits x 1e4: softmax saturates, the CE gradient underflows
@@ -147,8 +240,7 @@ class Saturated(nn.Module):  # logits x 1e4: softmax saturates, the CE gradient 
 
 
 @pytest.mark.parametrize("model_wrap,attack_cls,fires", [
-    (None, NoOpPGD, {"large_eps_reaches_chance", "square_not_above_white_box"}),
-    (None, FadesWithSteps, {"more_steps_never_help"}),
+    (None, NoOpPGD, {"large_eps_breaks_the_model", "square_not_above_white_box"}),
     (Saturated, PGD, {"square_not_above_white_box"}),
 ])
 def test_each_probe_fires_when_built_to_trip_it(trained_model, model_wrap, attack_cls, fires):
@@ -159,3 +251,50 @@ def test_each_probe_fires_when_built_to_trip_it(trained_model, model_wrap, attac
     pgd = attack_cls(**attack_kwargs("pgd", eps=32 / 255, steps=10, early_stop=True))
     checks = probe_checks(model, x, y, TASK, 4, pgd, square_queries=1000, max_images=32)
     assert fires <= _names(checks), checks
+
+
+class ConstantBinary(nn.Module):  # always class 0, whatever the image: "robust" at any eps
+    def forward(self, x):
+        return torch.stack([1 + 0 * x.mean((1, 2, 3)), 0 * x.mean((1, 2, 3))], dim=1)
+
+
+def test_large_eps_check_fires_on_a_binary_model_holding_half_its_images():
+    """Chance (0.5) would pass a binary model that keeps half its images at L-inf 0.5; any
+    sound model is broken there."""
+    x = torch.rand(32, 3, 16, 16)
+    y = (torch.arange(32) % 2).long()  # half are class 0: accuracy 0.5 at every eps
+    pgd = attack_from_config("pgd_eval", eps=8 / 255, steps=5)
+    check = next(c for c in probe_checks(ConstantBinary(), x, y, TASK, 2, pgd,
+                                         square_queries=None) if c.check ==
+                 "large_eps_breaks_the_model")
+    assert not check.passed and "0.5000" in check.detail
+
+
+def _reported(model, attack, x, y):
+    x_adv = attack(model, x, y, TASK)
+    with torch.no_grad():
+        return (model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)
+
+
+def test_more_steps_fires_on_a_one_step_pgd_labelled_pgd20_and_passes_the_default(
+        trained_model):
+    """The stronger PGD (5x the steps, more restarts, CE and margin) must not fool more than
+    one image the reported attacks counted robust: it does after a one-step PGD that calls
+    itself PGD-20, and not after the default evaluation (PGD-20, then the fast attack)."""
+    model, x, y = trained_model
+    x, y = x[:64], y[:64]
+    eps = 6 / 255
+    weak = PGD(**attack_kwargs("pgd_eval", eps=eps, steps=1, step_size=eps / 8,
+                               random_start=False))
+    torch.manual_seed(0)
+    robust = _reported(model, weak, x, y)
+    stronger = stronger_pgd(attack_from_config("pgd_eval", eps=eps), TASK)
+    assert set(stronger) == {"pgd_strong", "pgd_strong_cw"}
+    check, strong_robust = more_steps_check(model, x, y, TASK, robust, "pgd (PGD-20)", stronger)
+    assert not check.passed and "upper bound" in check.detail, check
+    assert int((robust & ~strong_robust).sum()) > 1
+    torch.manual_seed(0)
+    robust = _reported(model, attack_from_config("pgd_eval", eps=eps), x, y) & \
+        _reported(model, attack_from_config("fast", eps=eps), x, y)
+    check, _ = more_steps_check(model, x, y, TASK, robust, "pgd + fast", stronger)
+    assert check.passed, check

@@ -236,3 +236,48 @@ def test_rng_states_round_trip_weights_only(tmp_path):
     again = (torch.rand(2), np.random.rand(2), random.random())
     assert torch.equal(first[0], again[0]) and (first[1] == again[1]).all()
     assert first[2] == again[2]
+
+
+def _eval_child(args: list[str], kill_after_batch: int | None) -> None:
+    torch.set_num_threads(1)
+    if kill_after_batch is not None:  # SIGTERM to itself once that batch is done and saved
+        from lightning_modules.evaluation import module as evaluation_module
+
+        own = evaluation_module.EvaluationModule.test_step
+
+        def test_step(self, batch, batch_idx):
+            own(self, batch, batch_idx)
+            if batch_idx == kill_after_batch:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        evaluation_module.EvaluationModule.test_step = test_step
+    sys.argv = [str(ROOT / "evaluate.py"), *args]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def test_sigterm_stops_evaluation_after_the_batch_keeps_it_and_resumes(tmp_path, capfd):
+    """evaluate.py under SIGTERM: the batch in progress ends and is kept, then one line that
+    says how to resume and exit 143; the same command then resumes from the kept batch."""
+    log_dir = tmp_path / "logs"
+    assert _wait(_start([*RUN, f"paths.log_dir={log_dir}", "trainer.max_epochs=1"])) == 0
+    ckpt = _run_folder(log_dir) / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval"
+    args = [f"ckpt_path={ckpt}", "evaluation=quick", "eps_grid=[0,8/255]", "subset=32",
+            "+datamodule.eval_batch_size=8", "attacks.pgd.steps=2", f"output_dir={out}",
+            "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path / 'elogs'}"]
+    proc = mp.get_context("fork").Process(target=_eval_child, args=(args, 0))
+    proc.start()
+    code = _wait(proc)
+    err = capfd.readouterr().err
+    assert code == resume.SIGTERM_EXIT_CODE, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("medrobust: error:")]
+    assert len(lines) == 1 and "stopped by SIGTERM while evaluating" in lines[0], err[-2000:]
+    assert "1 batch file(s) kept" in lines[0] and "rerun the same command" in lines[0]
+    assert "Traceback" not in err
+    assert len(list((out / "partial").glob("rank0-batch*.pt"))) == 1  # 1 of 4 batches
+    assert not (out / "report.json").exists()
+    proc = mp.get_context("fork").Process(target=_eval_child, args=(args, None))
+    proc.start()
+    assert _wait(proc) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_batches"] == 1 and report["n_images"] == 32

@@ -154,32 +154,60 @@ def undefended_run(tmp_path_factory):
 
 
 def test_evaluate_standard_preset_cascades(undefended_run, tmp_path):
-    """The default preset: PGD then AutoAttack on the images PGD did not fool, the worst case,
-    the cost of each, and the attack probes among the honesty checks."""
+    """The default preset: PGD at every radius, the fast attack at the threat radius on the
+    images PGD did not fool, the worst case, the cost (seconds, passes) of each, and the attack
+    probes among the honesty checks."""
     report = evaluate(compose_cfg("eval", [
-        f"ckpt_path={undefended_run['best_checkpoint']}", "eps_grid=[0,8/255]", "subset=32",
-        "attacks.pgd.steps=5", "attacks.aa.square_queries=20", "attacks.aa.max_targets=1",
+        f"ckpt_path={undefended_run['best_checkpoint']}", "eps_grid=[0,2/255,8/255]",
+        "subset=32", "attacks.pgd.steps=5", "attacks.fast.ce_iters=5",
+        "attacks.fast.targeted_iters=5", "attacks.fast.square_queries=20",
         f"output_dir={tmp_path / 'std'}"], tmp_path))
     assert report["evaluation"] == "standard" and report["cascade"] is True
-    assert set(report["attacks"]) == {"pgd", "aa"} and not report["skipped_attacks"]
-    row = {(r["attack"], r["eps_str"]): r for r in report["results"]}
+    # (PGD-5 and a fast attack of 5 iterations may not converge: then the stronger PGD of
+    # more_steps_never_help joins at 8/255; test_evaluate_escalates_when_more_steps_help)
+    escalated = {"pgd_strong", "pgd_strong_cw"} & set(report["attacks"])
+    assert set(report["attacks"]) - escalated == {"pgd", "fast"}
+    assert not report["skipped_attacks"]
+    row = {(r["attack"], r["eps_str"]): r for r in report["results"] if r["attack"] not in
+           escalated}
     cost = report["cost"]["per_attack"]
     n, clean = report["n_images"], report["clean"]["acc"]
-    # eps 0 is the identity: no image is attacked (and there is no worst case to cascade)
-    assert cost["pgd@0"]["images_attacked"] == cost["aa@0"]["images_attacked"] == 0
-    assert n == 32
-    # at 8/255 PGD attacks the images right clean, AutoAttack those PGD left right
-    pgd, aa = row[("pgd", "8/255")], row[("aa", "8/255")]
+    # the fast attack runs at the threat radius (8/255) only; PGD at every radius
+    assert set(row) == {("pgd", "0"), ("pgd", "2/255"), ("pgd", "8/255"), ("fast", "8/255"),
+                        ("worst", "8/255")}
+    assert cost["pgd@0"]["images_attacked"] == 0 and n == 32
+    # at 8/255 PGD attacks the images right clean, the fast attack those PGD left right
+    pgd, fast = row[("pgd", "8/255")], row[("fast", "8/255")]
     assert cost["pgd@8/255"]["images_attacked"] == round(clean * n)
-    assert cost["aa@8/255"]["images_attacked"] == round(pgd["acc"] * n)
-    assert aa["acc"] <= pgd["acc"] and aa["acc"] == pytest.approx(row[("worst", "8/255")]["acc"])
-    assert aa["images_attacked"] == cost["aa@8/255"]["images_attacked"]
-    assert 0 < report["cost"]["images_spared"] < 1
+    assert cost["fast@8/255"]["images_attacked"] == round(pgd["acc"] * n)
+    assert fast["acc"] <= pgd["acc"]
+    assert fast["acc"] == pytest.approx(row[("worst", "8/255")]["acc"]) or escalated
+    # passes counted on the model: PGD-5 = 5 forward + 5 backward + 1 forward per image
+    assert cost["pgd@8/255"]["forward_passes"] == 6 * round(clean * n) or \
+        cost["pgd@8/255"]["forward_passes"] < 6 * round(clean * n)  # early stop
+    assert report["cost"]["forward_passes"] > report["cost"]["backward_passes"] > 0
     names = {c["check"] for c in report["checks"]}
-    assert {"large_eps_reaches_chance", "more_steps_never_help", "square_not_above_white_box",
-            "pgd_and_autoattack_agree"} <= names
+    assert {"large_eps_breaks_the_model", "more_steps_never_help", "square_not_above_white_box",
+            "pgd_and_fast_agree", "attacks_stay_in_threat_model"} <= names
     summary = (tmp_path / "std" / "report.md").read_text()
-    assert "Cascade" in summary and "images attacked" in summary
+    assert "Cascade" in summary and "backward image passes" in summary
+
+
+def test_evaluate_escalates_when_more_steps_help(undefended_run, tmp_path):
+    """A one-step PGD labelled PGD-20 trips more_steps_never_help before the evaluation: the
+    check fails, says the number is an upper bound, and the stronger PGD joins the evaluation
+    at the threat radius, inside the worst case."""
+    report = evaluate(compose_cfg("eval", [
+        f"ckpt_path={undefended_run['best_checkpoint']}", "evaluation=quick",
+        "evaluation.probes=true", "eps_grid=[0,8/255]", "subset=32",
+        "attacks.pgd.steps=1", "attacks.pgd.random_start=false", "attacks.pgd.step_size=1e-4",
+        f"output_dir={tmp_path / 'esc'}"], tmp_path))
+    check = next(c for c in report["checks"] if c["check"] == "more_steps_never_help")
+    assert not check["passed"] and "upper bound" in check["detail"], check
+    row = {(r["attack"], r["eps_str"]): r for r in report["results"]}
+    assert {("pgd_strong", "8/255"), ("pgd_strong_cw", "8/255"), ("worst", "8/255")} <= set(row)
+    assert row[("worst", "8/255")]["acc"] < row[("pgd", "8/255")]["acc"]
+    assert (tmp_path / "esc" / "preflight.json").is_file()
 
 
 def test_evaluate_gap_fits_saves_and_reuses_its_generator(undefended_run, tmp_path):
@@ -353,7 +381,7 @@ def test_evaluate_full_preset_on_multilabel_skips_single_label_attacks(train_cfg
         "evaluation.corruptions.images=8", "evaluation.corruptions.sequences=[]",
         "trainer.limit_test_batches=1", f"output_dir={tmp_path / 'full'}"], tmp_path))
     assert report["task"] == "multilabel" and report["cascade"] is False
-    assert set(report["skipped_attacks"]) == {"pgd_cw", "pgd_t", "aa"}
+    assert set(report["skipped_attacks"]) == {"pgd_cw", "pgd_t", "fast", "aa"}
     assert set(report["attacks"]) == {"fgsm", "pgd", "pgd_hide", "pgd_add", "gap"}
     rows = {(r["attack"], r["eps_str"]): r for r in report["results"]}
     for name in ("fgsm", "pgd", "pgd_hide", "pgd_add", "gap", "worst"):  # changed sets
@@ -399,9 +427,10 @@ def test_evaluate_checkpoint(undefended_run, tmp_path):
         EvalReport.from_dict({"results": []})
     # an honest model passes every honesty check, and the report and summary say so
     checks = {c["check"]: c["passed"] for c in report["checks"]}
-    assert set(checks) == {"eps_zero_reproduces_clean", "monotone_in_eps", "outputs_are_logits",
-                           "worst_case_not_above_attacks", "deterministic",
-                           "gradients_nonzero_finite"} and all(checks.values()), report["checks"]
+    assert set(checks) == {"attacks_stay_in_threat_model", "monotone_in_eps",
+                           "outputs_are_logits", "worst_case_not_above_attacks",
+                           "deterministic", "gradients_nonzero_finite"} \
+        and all(checks.values()), report["checks"]
     text = (out / "report.md").read_text()
     assert "ok deterministic" in text and "All 6 honesty checks passed." in text
     assert "Under the per-sample worst case over all attacks at 8/255 it is" in text

@@ -11,7 +11,8 @@ robust. Its targeted parts need enough classes, so the components follow the num
 - 4 or more: APGD-CE, APGD-T and FAB-T (min(9, C - 1) targets each) and Square.
 
 Single-label only, and for evaluation only: it maximises its own losses (``loss_fn`` is not
-used) and is far too costly for training. Inputs in [0, 1], eps in the same pixel units.
+used) and is far too costly for training. It runs in float32 with autocast off (the authors'
+code has no loss scaling for float16), and leaves the global random state as it was. Inputs in [0, 1], eps in the same pixel units.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from lightning_modules.attacks.base import Attack
+from lightning_modules.attacks.fast import third_party_precision
 from lightning_modules.core.tasks import LossFn, Task
 
 __all__ = ["AutoAttack", "components_for"]
@@ -110,17 +112,23 @@ class AutoAttack(Attack):
         if task.name != "multiclass":
             raise ValueError("AutoAttack is for single-label (multiclass) tasks; use PGD for "
                              "multi-label ones")
-        try:
-            from pyautoattack import AutoAttack as _AutoAttack
-        except ImportError as err:  # pragma: no cover - a declared dependency
-            raise ImportError("AutoAttack needs the pyautoattack package (pip install "
-                              "pyautoattack)") from err
+        with third_party_precision(x):  # float32, autocast off; the global RNG kept
+            return self._run(model, x, y)
+
+    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from pyautoattack import AutoAttack as _AutoAttack
+
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                     torch.float32)
+        xf = x.to(dtype)
         with torch.no_grad():
-            num_classes = int(model(x[:1]).shape[1])
+            num_classes = int(model(xf[:1]).shape[1])
         components, targets = self.suite(num_classes)
         runner = _AutoAttack(model, attacks=components, version="custom", eps=self.eps,
                              norm=_NORMS[self.norm], seed=self.seed, device=x.device)
-        runner.verbose = False
+        # its progress goes to the "auto-attack" logger at DEBUG level (which component fooled
+        # how many images); the results do not depend on it
+        runner.verbose = True
         # the standard suite's settings (version="custom" keeps the classes' defaults otherwise)
         runner.apgd.n_restarts = 1
         runner.apgd_targeted.n_restarts = 1
@@ -129,6 +137,6 @@ class AutoAttack(Attack):
         runner.fab.n_target_classes = targets
         runner.square.n_queries = self.square_queries
         # the authors' code views gradients flat: give it contiguous (not channels-last) images
-        x_adv, _ = runner.run_standard_evaluation(x.contiguous(), y.long(),
+        x_adv, _ = runner.run_standard_evaluation(xf.contiguous(), y.long(),
                                                   batch_size=x.shape[0])
         return x_adv.detach().to(x.dtype).contiguous(memory_format=_memory_format(x))

@@ -64,6 +64,19 @@ class ThreatModel:
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample distance in this norm, ``(batch,)``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def outside(self, x_adv: torch.Tensor, x: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
+        """Per sample: ``x_adv`` is farther than eps from ``x`` (relative tolerance ``rtol``,
+        plus float32 rounding) or leaves [0, 1]: an attack that broke its threat model."""
+        d = self.distance(x_adv.float(), x.float())
+        far = d > self.eps * (1 + rtol) + 1e-6
+        flat = x_adv.flatten(1)
+        return far | (flat.amin(1) < -1e-6) | (flat.amax(1) > 1 + 1e-6) | \
+            ~torch.isfinite(flat).all(1)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:.6g})"
 
@@ -90,6 +103,9 @@ class LinfBall(ThreatModel):
         delta = (x_adv - x).clamp_(-self.eps, self.eps)
         return (x + delta).clamp_(0.0, 1.0)
 
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (x_adv - x).flatten(1).abs().amax(1)
+
 
 class L2Ball(ThreatModel):
     """L2 ball: ``||x_adv - x||_2 <= eps`` per sample; steps follow the normalised gradient."""
@@ -109,6 +125,9 @@ class L2Ball(ThreatModel):
         delta = x_adv - x
         scale = (self.eps / _per_sample_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
         return (x + delta * scale).clamp_(0.0, 1.0)
+
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (x_adv - x).flatten(1).norm(dim=1)
 
 
 _THREATS = {"linf": LinfBall, "l2": L2Ball}

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lightning_modules.attacks import PGD, Attack, AutoAttack
+from lightning_modules.attacks import Attack, AutoAttack, FastAttack
 from lightning_modules.core.config import instantiate_node
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.tasks import SCORE_METRIC, Task, chance_level
@@ -18,6 +18,7 @@ from lightning_modules.core.threat import format_eps
 from lightning_modules.evaluation.certify import Certifier
 from lightning_modules.evaluation.honesty import (
     Check,
+    attack_kind,
     certify_checks,
     failed,
     model_checks,
@@ -25,6 +26,7 @@ from lightning_modules.evaluation.honesty import (
     report_checks,
 )
 from lightning_modules.evaluation.module import EvaluationModule
+from lightning_modules.evaluation.preflight import reference_pgd
 from lightning_modules.evaluation.schema import EvalReport, software_versions
 from lightning_modules.evaluation.writer import cost_table
 
@@ -88,25 +90,32 @@ def build_certifier(options: Any, train_cfg: DictConfig, task: str
 
 
 def honesty_checks(report: EvalReport, module: EvaluationModule, net: nn.Module,
-                   attacks: dict[str, Attack], eps_grid: list[float], probes: bool
-                   ) -> list[Check]:
-    """The report's own checks, the model checks on the first batch, and with ``probes`` the
-    attack probes (a huge eps, a stronger PGD, Square) against the untargeted PGD."""
+                   attacks: dict[str, Attack], eps_grid: list[float], probes: bool,
+                   before: list[Check] = ()) -> list[Check]:
+    """The checks run ``before`` the evaluation (the stronger PGD of
+    :mod:`~lightning_modules.evaluation.preflight`), the report's own checks, the model checks
+    on the first batch, and with ``probes`` the attack probes (a huge eps, Square) against the
+    untargeted PGD."""
     task = report.task
     metrics = ("acc", SCORE_METRIC[task]) if SCORE_METRIC[task] != "acc" else ("acc",)
-    kinds = {name: atk.name for name, atk in attacks.items()}
     data = report.as_dict()
-    checks = report_checks(data["clean"], data["results"], module.n_images, metrics, kinds,
-                           bounded=("acc", "bal_acc") if task == "multiclass" else ())
+    # row name -> what its attack is (pgd: the untargeted PGD on the task loss)
+    kinds = {name: "pgd-strong" if name.startswith("pgd_strong") else attack_kind(d)
+             for name, d in (data["attacks"] or {}).items()}
+    checks = list(before) + report_checks(
+        data["clean"], data["results"], module.n_images, metrics, kinds,
+        bounded=("acc", "bal_acc") if task == "multiclass" else (), cascade=report.cascade,
+        cost=module.cost)
     if report.certify:
         checks += certify_checks(report.certify, n_images=module.n_images)
     if module.probe is None:  # a DDP rank whose shard held no batch
         return checks
     checks = checks + model_checks(net, *module.probe, Task(task))
-    reference = next((a for a in attacks.values() if type(a) is PGD and a.targeted is None), None)
+    reference = reference_pgd(attacks)
     if probes and reference is not None and max(eps_grid) > 0:
         queries = min([1000] + [a.square_queries for a in attacks.values()
-                                if isinstance(a, AutoAttack)])
+                                if isinstance(a, (AutoAttack, FastAttack))
+                                and a.square_queries > 0])
         checks += probe_checks(net, *module.probe, Task(task), report.num_classes,
                                reference.with_eps(max(eps_grid)), square_queries=queries)
     for c in failed(checks):

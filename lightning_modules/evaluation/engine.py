@@ -40,6 +40,7 @@ from torchmetrics import MeanMetric, Metric, SumMetric
 from lightning_modules.attacks import Attack
 from lightning_modules.core.tasks import Task, check_task
 from lightning_modules.evaluation.metrics import build_metrics, scalar_metrics
+from lightning_modules.evaluation.passes import PassCounter
 
 __all__ = ["RobustEvaluator", "EvalBatch", "PredictionCounts", "worst_case_logits"]
 
@@ -55,19 +56,27 @@ class EvalBatch:
     worst: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # per attack
     attacked: dict[str, int] = field(default_factory=dict)   # images per attack
+    forward: dict[str, int] = field(default_factory=dict)    # image passes per attack
+    backward: dict[str, int] = field(default_factory=dict)
+    outside: dict[str, int] = field(default_factory=dict)    # images outside the threat model
 
     def state(self) -> dict:
         """Tensors and plain values (``torch.save`` / ``weights_only`` load), on the CPU."""
         return {"clean": self.clean.cpu(), "adv": {k: v.cpu() for k, v in self.adv.items()},
                 "worst": {k: v.cpu() for k, v in self.worst.items()},
-                "seconds": dict(self.seconds), "attacked": dict(self.attacked)}
+                "seconds": dict(self.seconds), "attacked": dict(self.attacked),
+                "forward": dict(self.forward), "backward": dict(self.backward),
+                "outside": dict(self.outside)}
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> EvalBatch:
         return cls(clean=state["clean"].to(device),
                    adv={k: v.to(device) for k, v in state["adv"].items()},
                    worst={k: v.to(device) for k, v in state["worst"].items()},
-                   seconds=dict(state["seconds"]), attacked=dict(state["attacked"]))
+                   seconds=dict(state["seconds"]), attacked=dict(state["attacked"]),
+                   forward=dict(state.get("forward", {})),
+                   backward=dict(state.get("backward", {})),
+                   outside=dict(state.get("outside", {})))
 
 
 def worst_case_logits(candidates: Sequence[torch.Tensor], y: torch.Tensor,
@@ -155,6 +164,10 @@ class RobustEvaluator(nn.Module):
         self.n_images = SumMetric()
         self.seconds = nn.ModuleList(SumMetric() for _ in self.attacks)  # attack time
         self.attacked = nn.ModuleList(SumMetric() for _ in self.attacks)  # images attacked
+        # image passes through the model (forward, backward) per attack, counted on the model
+        self.passes = nn.ModuleList(SumMetric() for _ in range(2 * len(self.attacks)))
+        # adversarial images outside the attack's ball or [0, 1] (must stay 0; honesty check)
+        self.outside = nn.ModuleList(SumMetric() for _ in self.attacks)
         self.clean_predictions = PredictionCounts(num_classes) \
             if self.task.single_label else None
 
@@ -170,27 +183,33 @@ class RobustEvaluator(nn.Module):
         """Clean, adversarial and worst-case logits of one batch, and each attack's cost."""
         with torch.no_grad():
             out = EvalBatch(clean=model(x))
+        model = PassCounter(model)  # each attack's passes, third-party attacks' included
         running: dict[str, torch.Tensor] = {}  # cascade: worst logits of each group so far
         for name, attack in self.attacks.items():
             group = self.group_of.get(name)
-            start = _clock(x)
+            start, passes = _clock(x), model.counts()
             if group is None:
                 x_adv = attack(model, x, y, self.task)
                 with torch.no_grad():
                     out.adv[name] = model(x_adv)
                 n_attacked = x.shape[0]
+                out.outside[name] = int(attack.threat.outside(x_adv, x).sum())
             else:  # only the samples still robust in this group
                 worst = running.get(group, out.clean)
                 todo = (~self.task.wrong(worst, y)).nonzero().squeeze(1)
                 logits = worst.clone()
+                out.outside[name] = 0
                 if todo.numel():
                     x_adv = attack(model, x[todo], y[todo], self.task)
                     with torch.no_grad():
                         logits[todo] = model(x_adv).to(logits.dtype)
+                    out.outside[name] = int(attack.threat.outside(x_adv, x[todo]).sum())
                 out.adv[name] = running[group] = worst_case_logits([worst, logits], y,
                                                                    self.task)
                 n_attacked = todo.numel()
             out.seconds[name] = _clock(x) - start
+            out.forward[name], out.backward[name] = (b - a for a, b in zip(passes, model.counts(),
+                                                                       strict=True))
             out.attacked[name] = int(n_attacked) if attack.eps > 0 else 0  # eps 0: identity
         for group, names in self.worst_case.items():
             out.worst[group] = worst_case_logits([out.clean, *(out.adv[n] for n in names)], y,
@@ -203,9 +222,15 @@ class RobustEvaluator(nn.Module):
         an interrupted evaluation); samples outside ``keep`` (``None`` = all) count in no
         metric, only in the cost."""
         device = out.clean.device
-        for name, secs, count in zip(self.attacks, self.seconds, self.attacked, strict=True):
+        for i, (name, secs, count) in enumerate(zip(self.attacks, self.seconds, self.attacked,
+                                                    strict=True)):
             secs.update(torch.tensor(out.seconds[name], dtype=torch.float64, device=device))
             count.update(torch.tensor(float(out.attacked[name]), device=device))
+            for j, kind in enumerate((out.forward, out.backward)):
+                self.passes[2 * i + j].update(torch.tensor(float(kind.get(name, 0)),
+                                                           dtype=torch.float64, device=device))
+            self.outside[i].update(torch.tensor(float(out.outside.get(name, 0)),
+                                                dtype=torch.float64, device=device))
         logits = {CLEAN: out.clean, **out.adv, **out.worst}
         if keep is not None:
             keep = keep.to(device=device, dtype=torch.bool)
@@ -241,16 +266,21 @@ class RobustEvaluator(nn.Module):
                 if any(m.update_count > 0 for m in coll.values())}
 
     def cost(self) -> dict[str, dict[str, float]]:
-        """``{attack: {"seconds", "images_attacked", "images_per_s"}}`` since the last reset,
-        summed across ranks (call on all ranks): what each attack cost, and with the cascade
-        how many images it skipped."""
+        """``{attack: {"seconds", "images_attacked", "images_per_s", "forward_passes",
+        "backward_passes", "outside_threat_model"}}`` since the last reset, summed across ranks (call on all ranks):
+        what each attack cost (passes: images through the model, its final forward included),
+        and with the cascade how many images it skipped."""
         out = {}
-        for name, secs, count in zip(self.attacks, self.seconds, self.attacked, strict=True):
+        for i, (name, secs, count) in enumerate(zip(self.attacks, self.seconds, self.attacked,
+                                                    strict=True)):
             if not count.update_count:
                 continue
             s, n = float(secs.compute()), int(count.compute())
+            fwd, bwd = (int(self.passes[2 * i + j].compute()) for j in (0, 1))
             out[name] = {"seconds": round(s, 3), "images_attacked": n,
-                         "images_per_s": round(n / s, 2) if s > 0 else None}
+                         "images_per_s": round(n / s, 2) if s > 0 else None,
+                         "forward_passes": fwd, "backward_passes": bwd,
+                         "outside_threat_model": int(self.outside[i].compute())}
         return out
 
     def count(self) -> int:
@@ -269,7 +299,7 @@ class RobustEvaluator(nn.Module):
             loss.reset()
             fool.reset()
         self.n_images.reset()
-        for m in (*self.seconds, *self.attacked):
+        for m in (*self.seconds, *self.attacked, *self.passes, *self.outside):
             m.reset()
         if self.clean_predictions is not None:
             self.clean_predictions.reset()

@@ -1,10 +1,13 @@
 """Honesty checks of a robustness evaluation: the flags of AutoAttack (Croce & Hein, ICML 2020)
 and the checklist of Carlini et al., "On Evaluating Adversarial Robustness" (2019).
 
-Plain PyTorch and plain dicts. :func:`report_checks` reads an evaluation report's rows;
-:func:`model_checks` probes the model on one batch;
-:func:`probe_checks` attacks one batch with a huge eps, a stronger PGD and Square. Each check is a :class:`Check`: its name,
-whether it passed, and one line saying what was seen. A failed check is never silent:
+Plain PyTorch and plain dicts. :func:`report_checks` reads an evaluation report's rows and the
+engine's cost (adversarial images outside their threat model); :func:`model_checks` probes the
+model on one batch; :func:`more_steps_check` attacks the images the evaluation counted robust
+with a much stronger PGD before the evaluation runs (and ``evaluate.py`` adds that PGD to the
+evaluation when it finds more); :func:`probe_checks` attacks one batch with a huge eps and
+Square. Each check is a :class:`Check`: its name, whether it passed, and one line saying what
+was seen; each is tested against a model or attack built to trip it (tests/test_honesty.py). A failed check is never silent:
 ``evaluate.py`` prints it, writes it into the report, and stops when ``evaluation.strict``.
 """
 
@@ -18,10 +21,11 @@ from torch import nn
 
 from lightning_modules.attacks import PGD, attack_mode
 from lightning_modules.attacks.config import attack_from_config
+from lightning_modules.attacks.pgd import margin_loss
 from lightning_modules.core.tasks import Task
 
-__all__ = ["Check", "report_checks", "model_checks", "probe_checks", "certify_checks",
-           "failed"]
+__all__ = ["Check", "attack_kind", "report_checks", "model_checks", "probe_checks",
+           "more_steps_check", "stronger_pgd", "certify_checks", "failed"]
 
 
 @dataclass
@@ -45,34 +49,56 @@ def _is_worst(row: dict) -> bool:
     return _group(row) is not None and row["attack"] == _group(row)
 
 
+def attack_kind(describe: dict) -> str:
+    """What a row's attack is, for the checks: ``pgd`` only for the untargeted PGD on the task
+    loss (the reference white-box attack); ``pgd-margin`` / ``pgd-<target>`` for its variants
+    (in ``evaluation=full`` every PGD is named ``pgd``); else the attack's own name."""
+    name = describe.get("attack")
+    if name == "pgd":
+        if describe.get("targeted"):
+            return f"pgd-{describe['targeted']}"
+        if describe.get("loss", "task") != "task":
+            return f"pgd-{describe['loss']}"
+    return str(name)
+
+
+STRONG = ("autoattack", "fast")  # attacks checked against the reference PGD
+
+
 def report_checks(clean: dict, rows: list[dict], n_images: int,
                   metrics: tuple[str, ...] = ("acc",), kinds: dict[str, str] | None = None,
-                  agree: float = 0.05, bounded: tuple[str, ...] = ("acc", "bal_acc")
-                  ) -> list[Check]:
+                  agree: float = 0.05, bounded: tuple[str, ...] = ("acc", "bal_acc"),
+                  cascade: bool = False, cost: dict[str, dict] | None = None) -> list[Check]:
     """Checks on the metric rows of one report (``attack``, ``eps``, metric values):
 
-    - ``eps_zero_reproduces_clean``: every eps = 0 row equals the clean metrics;
+    - ``attacks_stay_in_threat_model`` (with ``cost``, the engine's per-cell cost): no
+      adversarial image of any attack, on any image, left its eps ball or [0, 1];
     - ``monotone_in_eps``: no attack's metric rises with eps by more than one image;
-    - ``worst_case_not_above_attacks``: each worst-case row is at most every attack of its group at its eps,
-      in the metrics of ``bounded`` (default: accuracy and balanced accuracy of a single-label
-      task). A per-sample worst case bounds only metrics that count per-sample successes:
-      not AUROC (a ranking over images) nor a multi-label task's per-finding accuracy, for
-      which the check is left out (``bounded=()``);
-    - ``pgd_and_autoattack_agree`` (when ``kinds``, row name -> attack kind, has both a
-      ``pgd`` and an ``autoattack``): at each eps, AutoAttack's accuracy is not above PGD's by
-      more than one image, and no metric (accuracy, balanced accuracy) is below PGD's by more
-      than ``agree`` (PGD then overestimates robustness).
+    - ``worst_case_not_above_attacks``: each worst-case row (``worst``, ``worst-linf``, ...)
+      is at most every attack of its own group at its eps, in the metrics of ``bounded``
+      (default: accuracy and balanced accuracy of a single-label task). A per-sample worst
+      case bounds only metrics that count per-sample successes: not AUROC (a ranking over
+      images) nor a multi-label task's per-finding accuracy (``bounded=()``);
+    - ``pgd_and_<attack>_agree`` for AutoAttack and the fast attack (``kinds``: row name ->
+      :func:`attack_kind`; the reference is the untargeted PGD on the task loss, never its
+      margin or targeted variants): at each eps, no metric of PGD is above the stronger
+      attack's by more than ``agree`` (PGD then overestimates robustness), and, without the
+      cascade, the stronger attack's accuracy is not above PGD's by more than one image (it
+      would be weaker than PGD). With the cascade its row already includes PGD, so only the
+      first direction can be tested; the detail says so.
 
-    A check with nothing to test (no eps = 0 row; no attack at two radii) is left out.
+    A check with nothing to test (no attack at two radii, no worst case) is left out.
     """
     out: list[Check] = []
     tol = 1.0 / max(1, n_images) + 1e-9
-    zero = [r for r in rows if r["eps"] == 0 and not _is_worst(r)]
-    bad = [f"{r['attack']} {m} {r[m]:.4f} vs {clean[m]:.4f}" for r in zero for m in metrics
-           if m in r and abs(r[m] - clean[m]) > 1e-6]
-    if zero:  # nothing to test without an eps = 0 row: no check, rather than an empty "ok"
-        out.append(Check("eps_zero_reproduces_clean", not bad,
-                         "; ".join(bad) if bad else f"{len(zero)} eps=0 row(s) equal clean"))
+    if cost:
+        bad = {k: c["outside_threat_model"] for k, c in cost.items()
+               if c.get("outside_threat_model")}
+        if any("outside_threat_model" in c for c in cost.values()):
+            out.append(Check("attacks_stay_in_threat_model", not bad,
+                             "; ".join(f"{k}: {v} adversarial image(s) outside the eps ball or "
+                                       "[0, 1]" for k, v in bad.items()) if bad else
+                             "every adversarial image inside its eps ball and [0, 1]"))
     by_attack: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_attack[r["attack"]].append(r)
@@ -81,45 +107,55 @@ def report_checks(clean: dict, rows: list[dict], n_images: int,
         group = sorted(group, key=lambda r: r["eps"])
         for m in metrics:
             for a, b in zip(group, group[1:], strict=False):
-                if m in a and m in b and b[m] > a[m] + tol:
+                if m in a and m in b and a[m] is not None and b[m] is not None \
+                        and b[m] > a[m] + tol:
                     rises.append(f"{name} {m} {a[m]:.4f} @ {a['eps_str']} -> {b[m]:.4f} @ "
                                  f"{b['eps_str']}")
     if any(len({r["eps"] for r in g}) > 1 for g in by_attack.values()):
         out.append(Check("monotone_in_eps", not rises,
                          "; ".join(rises) if rises else "no metric rises with eps"))
-    above = []
+    above, compared = [], 0
     worst = [r for r in rows if _is_worst(r)]
     for w in worst:  # each worst case against the attacks of its own group and radius
         for r in rows:
             if not _is_worst(r) and r["eps"] == w["eps"] and \
                     ("group" not in r or _group(r) == _group(w)):
-                above += [f"{w['attack']} {m} {w[m]:.4f} > {r['attack']} {r[m]:.4f} @ "
-                          f"{w['eps_str']}" for m in metrics if m in bounded and m in w
-                          and m in r and w[m] > r[m] + 1e-9]
-    if worst and set(bounded) & set(metrics):
+                for m in metrics:
+                    if m in bounded and m in w and m in r:
+                        compared += 1
+                        if w[m] > r[m] + 1e-9:
+                            above.append(f"{w['attack']} {m} {w[m]:.4f} > {r['attack']} "
+                                         f"{r[m]:.4f} @ {w['eps_str']}")
+    if compared:
         out.append(Check("worst_case_not_above_attacks", not above,
-                         "; ".join(above) if above else "worst case <= every attack"))
+                         "; ".join(above) if above else
+                         f"worst case <= every attack of its group ({compared} comparisons)"))
     kinds = kinds or {}
     pgds = [n for n, k in kinds.items() if k == "pgd"]
-    autos = [n for n, k in kinds.items() if k == "autoattack"]
-    if pgds and autos:
-        at = {(r["attack"], r["eps"]): r for r in rows}
-        gaps = []
-        for (name, eps), r in at.items():
-            if name not in autos or eps == 0:
-                continue
+    at = {(r["attack"], r["eps"]): r for r in rows}
+    for strong in STRONG:
+        names = [n for n, k in kinds.items() if k == strong]
+        gaps, pairs = [], 0
+        for name in names:
             for p in pgds:
-                q = at.get((p, eps))
-                if q is None:
-                    continue
-                # AutoAttack above PGD: judged on accuracy (one image of slack); PGD far above
-                # AutoAttack: on every metric (balanced accuracy shows misses in small classes)
-                gaps += [f"{p} {m} {q[m]:.4f} vs {name} {r[m]:.4f} @ {r['eps_str']}"
-                         for m in metrics if m in r and m in q and
-                         ((m == "acc" and r[m] > q[m] + tol) or q[m] - r[m] > agree)]
-        out.append(Check("pgd_and_autoattack_agree", not gaps,
-                         "; ".join(gaps) if gaps else
-                         f"within {agree:.2f} accuracy, AutoAttack never above PGD"))
+                for (a, eps), r in at.items():
+                    q = at.get((p, eps))
+                    if a != name or eps == 0 or q is None:
+                        continue
+                    pairs += 1
+                    # PGD far above the stronger attack: on every metric (balanced accuracy
+                    # shows misses in small classes); the stronger attack above PGD: accuracy,
+                    # one image of slack, only where its row is its own (no cascade)
+                    gaps += [f"{p} {m} {q[m]:.4f} vs {name} {r[m]:.4f} @ {r['eps_str']}"
+                             for m in metrics if m in r and m in q and
+                             (q[m] - r[m] > agree or
+                              (not cascade and m == "acc" and r[m] > q[m] + tol))]
+        if pairs:
+            scope = ("cascade: its rows include PGD's successes, so only PGD above it is "
+                     "tested" if cascade else "both directions tested")
+            out.append(Check(f"pgd_and_{strong}_agree", not gaps,
+                             "; ".join(gaps) + f" ({scope})" if gaps else
+                             f"PGD within {agree:.2f} of {strong} at {pairs} radii ({scope})"))
     return out
 
 
@@ -128,8 +164,12 @@ def model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task)
 
     - ``outputs_are_logits``: not probabilities (rows of a softmax, or all values in [0, 1]);
     - ``deterministic``: two forward passes in eval mode give the same outputs;
-    - ``gradients_nonzero_finite``: the input gradient of the loss is finite and non-zero for
-      most images (zero gradients mean masked or non-differentiable outputs).
+    - ``gradients_nonzero_finite``: the input gradient is finite and non-zero for every image,
+      on the C&W margin for a single-label task (the cross-entropy's gradient underflows to
+      0 in float32 on very confident images: that share is stated, it is what the margin
+      loss of the attacks is for) and on the task loss for a multi-label one. One image with
+      a zero gradient is a masked or non-differentiable output (a rounding step, a
+      quantisation, a saturated activation).
     """
     out: list[Check] = []
     with attack_mode(model, "eval"), torch.no_grad():
@@ -147,17 +187,26 @@ def model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task)
                      "same outputs on two passes" if same else
                      f"outputs differ between two passes (max {float((a - b).abs().max()):.3g}): "
                      "a randomized model needs EOT attacks"))
-    with attack_mode(model, "eval"), torch.enable_grad():
-        xg = x.detach().clone().requires_grad_(True)
-        loss = task.loss(model(xg), y).sum()
-        (grad,) = torch.autograd.grad(loss, xg, allow_unused=True)
-    if grad is None:
-        grad = torch.zeros_like(x)
-    finite = bool(torch.isfinite(grad).all())
-    zero_share = float((grad.flatten(1).abs().amax(1) == 0).float().mean())
-    ok = finite and zero_share <= 0.5
-    out.append(Check("gradients_nonzero_finite", ok,
-                     f"input gradient zero for {zero_share:.0%} of images, finite: {finite}"))
+    def zero_share(loss_fn) -> tuple[float, bool]:
+        with attack_mode(model, "eval"), torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            loss = loss_fn(model(xg).float(), y).sum()
+            (grad,) = torch.autograd.grad(loss, xg, allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(x)
+        flat = grad.flatten(1)
+        return float((flat.abs().amax(1) == 0).float().mean()), bool(torch.isfinite(flat).all())
+
+    if task.single_label:
+        zero, finite = zero_share(margin_loss)
+        ce_zero, _ = zero_share(task.loss)
+        extra = f"; cross-entropy gradient zero (saturated) for {ce_zero:.0%}"
+    else:
+        (zero, finite), extra = zero_share(task.loss), ""
+    n = x.shape[0]
+    out.append(Check("gradients_nonzero_finite", finite and zero == 0,
+                     f"input gradient{' of the margin' if task.single_label else ''} zero for "
+                     f"{round(zero * n)} of {n} images, finite: {finite}{extra}"))
     return out
 
 
@@ -168,20 +217,66 @@ def _robust_acc(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, task
         return float((~task.wrong(model(x_adv), y)).float().mean())
 
 
+def stronger_pgd(pgd: PGD, task: Task) -> dict[str, PGD]:
+    """The attacks ``more_steps_never_help`` runs against the reported ones: ``pgd`` with 5x
+    the steps and one more restart on the task loss and (single-label) one run on the C&W
+    margin: 2 more runs in all (multi-label: 2 more restarts on the task loss). Uniform random
+    starts and Madry et al.'s step (2.5 eps / steps), whatever ``pgd`` sets: a broken step size
+    must not be inherited by the attack that checks it."""
+    base = pgd.replace(steps=pgd.steps * 5, restarts=pgd.restarts + 1, loss="task",
+                       targeted=None, finding=None, early_stop=True, step_size=None,
+                       step_size_rel=None, random_start=True)  # Madry's step: 2.5 eps / steps
+    if not task.single_label:
+        return {"pgd_strong": base.replace(restarts=pgd.restarts + 2)}
+    return {"pgd_strong": base, "pgd_strong_cw": base.replace(loss="margin", restarts=1)}
+
+
+def more_steps_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
+                     reported_robust: torch.Tensor, reported: str, stronger: dict[str, PGD],
+                     tolerance: int = 1) -> tuple[Check, torch.Tensor]:
+    """``more_steps_never_help``: on the images ``x`` that the reported evaluation (``reported``
+    names it) counted robust (``reported_robust``, per image), the ``stronger`` attacks
+    (:func:`stronger_pgd`) may fool at most ``tolerance`` images. More fooled means the reported
+    attacks had not converged: their robust accuracy is only an upper bound, and ``evaluate.py``
+    adds the stronger attacks to the evaluation (the worst case then includes them). Returns the
+    check and the per-image robust flags under the stronger attacks."""
+    with attack_mode(model, "eval"), torch.no_grad():
+        robust = ~task.wrong(model(x), y)
+    for attack in stronger.values():
+        x_adv = attack(model, x, y, task)
+        with attack_mode(model, "eval"), torch.no_grad():
+            robust &= ~task.wrong(model(x_adv), y)
+    extra = int((reported_robust & ~robust).sum())
+    first = next(iter(stronger.values()))
+    what = (f"PGD-{first.steps} x{first.restarts} ({' and '.join(a.loss for a in stronger.values())}"
+            f" loss) at {first.norm} eps {first.eps:.4g} on {x.shape[0]} images")
+    if extra > tolerance:
+        detail = (f"{what} fooled {extra} images that {reported} counted robust "
+                  f"({int(reported_robust.sum())} -> {int((reported_robust & robust).sum())}): "
+                  f"{reported} had not converged and its robust accuracy is an upper bound; the "
+                  f"stronger attacks were added to this evaluation ({', '.join(stronger)}) and "
+                  "the worst case includes them")
+    else:
+        detail = f"{what} fooled {extra} image(s) that {reported} counted robust"
+    return Check("more_steps_never_help", extra <= tolerance, detail), robust
+
+
 def probe_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
                  num_classes: int, pgd: PGD, square_queries: int | None = 1000,
-                 max_images: int = 64) -> list[Check]:
+                 max_images: int = 64, white_acc: float | None = None) -> list[Check]:
     """Attack probes on (at most ``max_images`` of) one batch, with ``pgd`` (the report's PGD
     at its largest radius) as the white-box reference; accuracy = share of images still right:
 
-    - ``large_eps_reaches_chance``: PGD-50 at an eps that covers most of the image (L-inf 0.5,
-      or an L2 norm of 0.5 per pixel on average) drives accuracy to chance (``1/classes``) or
-      below; if not, gradients are masked or the attack is broken (Carlini et al. 2019, 3.1);
-    - ``more_steps_never_help``: PGD with 5x the steps and 2 more restarts is not more than two
-      images *above* ``pgd``; otherwise the loss surface is being gamed;
+    - ``large_eps_breaks_the_model``: PGD-50 at an eps that covers most of the image (L-inf
+      0.5, or an L2 norm of 0.5 per pixel on average) leaves at most 10% of the images right
+      (and two images): at that radius an image can be moved halfway to any other, so any
+      sound model is broken, whatever its number of classes (chance level would let a binary
+      model keep half its images); if not, gradients are masked or the attack is broken
+      (Carlini et al. 2019, 3.1);
     - ``square_not_above_white_box`` (single-label, ``square_queries``): AutoAttack's black-box
-      Square attack is not two images *below* the white-box attacks; a black-box attack that
-      beats gradients means the gradients are masked (Croce & Hein 2020).
+      Square attack is not two images *below* the white-box attacks (``white_acc``: the
+      reported worst case on these images, else ``pgd``'s); a black-box attack that beats
+      gradients means the gradients are masked (Croce & Hein 2020).
     """
 
     x, y = x[:max_images], y[:max_images]
@@ -190,25 +285,19 @@ def probe_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
     out: list[Check] = []
     big = 0.5 if pgd.norm == "linf" else 0.5 * float(x[0].numel()) ** 0.5
     huge = pgd.replace(eps=big, steps=50, step_size=None, step_size_rel=2.5 / 50,
-                       restarts=1, early_stop=True)
+                       restarts=1, early_stop=True, loss="task", targeted=None, finding=None)
     acc_big = _robust_acc(model, huge, x, y, task)
-    chance = 1.0 / num_classes
-    out.append(Check("large_eps_reaches_chance", acc_big <= chance + tol,
-                     f"PGD-50 at {pgd.norm} eps {big:.3g}: accuracy {acc_big:.4f}, chance "
-                     f"{chance:.4f} ({n} images)"))
-    acc = _robust_acc(model, pgd, x, y, task)
-    stronger = pgd.replace(steps=pgd.steps * 5, restarts=pgd.restarts + 2)
-    acc_strong = _robust_acc(model, stronger, x, y, task)
-    out.append(Check("more_steps_never_help", acc_strong <= acc + tol,
-                     f"PGD-{pgd.steps} x{pgd.restarts} {acc:.4f}, PGD-{stronger.steps} "
-                     f"x{stronger.restarts} {acc_strong:.4f} at {pgd.norm} eps {pgd.eps:.4g} "
-                     f"({n} images)"))
+    limit = min(0.1, 1.0 / num_classes)
+    out.append(Check("large_eps_breaks_the_model", acc_big <= limit + tol,
+                     f"PGD-50 at {pgd.norm} eps {big:.3g}: accuracy {acc_big:.4f}, at most "
+                     f"{limit:.2f} expected ({n} images)"))
     if task.single_label and square_queries:
-        square = attack_from_config("autoattack", eps=pgd.eps, norm=pgd.norm, components=["square"], square_queries=square_queries)
+        square = attack_from_config("autoattack", eps=pgd.eps, norm=pgd.norm,
+                                    components=["square"], square_queries=square_queries)
         acc_sq = _robust_acc(model, square, x, y, task)
-        white = min(acc, acc_strong)
+        white = white_acc if white_acc is not None else _robust_acc(model, pgd, x, y, task)
         out.append(Check("square_not_above_white_box", acc_sq >= white - tol,
-                         f"Square ({square_queries} queries) {acc_sq:.4f}, white-box PGD "
+                         f"Square ({square_queries} queries) {acc_sq:.4f}, white-box "
                          f"{white:.4f} ({n} images)"))
     return out
 

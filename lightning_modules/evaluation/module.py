@@ -32,27 +32,35 @@ from lightning_modules.attacks import Attack
 from lightning_modules.core.config import instantiate_node
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.core.tensors import to_memory_format
+from lightning_modules.core.threat import parse_eps
 from lightning_modules.evaluation.certify import Certifier
 from lightning_modules.evaluation.engine import EvalBatch, RobustEvaluator
 from lightning_modules.evaluation.schema import WORST, Cell, ResultRow
 
-__all__ = ["EvaluationModule", "build_attacks", "grid_cells", "resume_signature",
+__all__ = ["EvaluationModule", "attack_radii", "build_attacks", "grid_cells", "resume_signature",
            "worst_case_groups"]
 
 log = logging.getLogger(__name__)
 
-def grid_cells(attacks: Mapping[str, Attack], eps_grid: Sequence[float]) -> dict[str, Cell]:
-    """Every cell of the grid by key: each attack at each radius, and at each radius above 0
-    with two or more attacks of one norm their per-sample worst case (group ``worst``, or
-    ``worst-<norm>`` when attacks of several norms are mounted: a worst case is taken only
-    over attacks of one threat model)."""
+def grid_cells(attacks: Mapping[str, Attack], eps_grid: Sequence[float],
+               radii: Mapping[str, Sequence[float]] | None = None) -> dict[str, Cell]:
+    """Every cell of the grid by key: each attack at each radius (an attack named in ``radii``
+    only at its radii there, e.g. the costly fast attack only at the threat radius), and at
+    each radius above 0 with two or more attacks of one norm their per-sample worst case (group
+    ``worst``, or ``worst-<norm>`` when attacks of several norms are mounted: a worst case is
+    taken only over attacks of one threat model)."""
     if any(name.startswith(WORST) for name in attacks):
         raise ValueError(f"attack names starting with '{WORST}' are reserved for the worst case")
+    radii = {k: [float(e) for e in v] for k, v in (radii or {}).items()}
+    unknown = sorted(set(radii) - set(attacks))
+    if unknown:
+        raise ValueError(f"radii names attacks that are not mounted: {unknown}")
     norms = sorted({a.norm for a in attacks.values()})
     cells: dict[str, Cell] = {}
     for eps in eps_grid:
         for norm in norms:
-            names = [n for n, a in attacks.items() if a.norm == norm]
+            names = [n for n, a in attacks.items() if a.norm == norm and
+                     (n not in radii or any(abs(eps - r) < 1e-9 for r in radii[n]))]
             group = (WORST if len(norms) == 1 else f"{WORST}-{norm}") \
                 if eps > 0 and len(names) > 1 else None
             for name in names:
@@ -99,6 +107,7 @@ class EvaluationModule(L.LightningModule):
         task, num_classes: as in training.
         attacks: name -> attack; each is run at every radius of ``eps_grid``.
         eps_grid: radii in [0, 1] pixel units.
+        radii: attack name -> the radii of the grid it runs at (the others: all).
         channels_last: run in channels-last memory format (as the training run did).
         cascade: at each radius, each attack runs only on the images every earlier attack
             failed on (rows become cumulative; see :class:`RobustEvaluator`).
@@ -121,11 +130,11 @@ class EvaluationModule(L.LightningModule):
                  channels_last: bool = False, class_names: list[str] | None = None,
                  cascade: bool = False, resume_dir: Path | None = None,
                  signature: dict | None = None, certifier: Certifier | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, radii: Mapping[str, Sequence[float]] | None = None) -> None:
         super().__init__()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format)
-        self.grid = grid_cells(attacks, eps_grid)
+        self.grid = grid_cells(attacks, eps_grid, radii)
         self.cells = {key: attacks[c.attack].with_eps(c.eps) for key, c in self.grid.items()
                       if not c.worst}
         self.evaluator = RobustEvaluator(task, num_classes, self.cells,
@@ -219,6 +228,32 @@ class EvaluationModule(L.LightningModule):
     on_validation_epoch_end = on_test_epoch_end
 
 
+def attack_radii(spec: Mapping[str, Any] | None, attacks: Mapping[str, Attack],
+                 threat_eps: float, eps_grid: Sequence[float]) -> dict[str, list[float]]:
+    """``evaluation.radii`` resolved: attack name -> its radii (``threat`` = ``threat.eps``,
+    ``all`` = the whole grid, or a list); names of attacks not mounted (skipped for the task)
+    are dropped."""
+    out = {}
+    for name, value in (spec or {}).items():
+        if name not in attacks:
+            continue
+        if value == "all":
+            continue
+        if value == "threat":
+            values = [threat_eps]
+        elif isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+            values = [parse_eps(v, f"evaluation.radii.{name}") for v in value]
+        else:
+            raise ConfigError(f"evaluation.radii.{name}={value!r} must be 'threat', 'all' or a "
+                              "list of radii")
+        missing = [v for v in values if not any(abs(v - e) < 1e-9 for e in eps_grid)]
+        if missing:
+            raise ConfigError(f"evaluation.radii.{name}: {missing} is not in eps_grid "
+                              f"{list(eps_grid)}")
+        out[name] = values
+    return out
+
+
 def build_attacks(nodes: DictConfig, task: str) -> tuple[dict[str, Attack], dict[str, str]]:
     """The mounted attacks (``attacks.<name>`` nodes of ``conf/attack``) that can attack this
     task, and why the others were skipped (e.g. AutoAttack on a multi-label checkpoint)."""
@@ -238,15 +273,21 @@ def build_attacks(nodes: DictConfig, task: str) -> tuple[dict[str, Attack], dict
 def resume_signature(ckpt_path: str, ckpt: dict, attacks: Mapping[str, Attack],
                      eps_grid: list[float], cascade: bool, split: str, subset: int | None,
                      n_split: int | None, seed: int | None, datamodule: Any, trainer: Any,
-                     certify: dict[str, Any] | None = None) -> dict[str, Any]:
+                     certify: dict[str, Any] | None = None,
+                     radii: Mapping[str, Sequence[float]] | None = None) -> dict[str, Any]:
     """What saved batches must match to be reused after a kill (plain values only)."""
     def plain(node: Any) -> Any:
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    # what does not change a result: the run folder (a new time stamp per run), the display
+    trainer = {k: v for k, v in (plain(trainer) or {}).items() if k not in (
+        "default_root_dir", "enable_progress_bar", "log_every_n_steps", "enable_model_summary")}
 
     return json.loads(json.dumps({
         "checkpoint": str(Path(ckpt_path).resolve()), "epoch": ckpt.get("epoch"),
         "global_step": ckpt.get("global_step"), "split": split, "subset": subset,
         "n_split": n_split, "seed": seed, "eps_grid": eps_grid, "cascade": cascade,
         "attacks": {n: a.describe() for n, a in attacks.items()}, "certify": certify,
+        "radii": dict(radii or {}),
         "datamodule": plain(datamodule) if datamodule else None,
-        "trainer": plain(trainer)}, default=str))
+        "trainer": trainer}, default=str))

@@ -10,6 +10,7 @@ from typing import Any
 from lightning_modules.core.io import write_json
 from lightning_modules.evaluation.certify import certify_markdown, plot_certified
 from lightning_modules.evaluation.corruptions.benchmark import corruption_markdown
+from lightning_modules.evaluation.metrics import absent_classes
 from lightning_modules.evaluation.schema import ResultRow
 
 __all__ = ["cost_table", "write_report", "plot_report", "reading", "summary_markdown", "fmt"]
@@ -24,6 +25,9 @@ def cost_table(cost: dict[str, dict], n_images: int) -> dict[str, Any]:
     attacked = sum(c["images_attacked"] for c in real.values())
     return {"per_attack": cells,
             "total_seconds": round(sum(c["seconds"] for c in cost.values()), 2),
+            # image passes through the model (counted on it), third-party attacks' included
+            "forward_passes": sum(c.get("forward_passes", 0) for c in cost.values()),
+            "backward_passes": sum(c.get("backward_passes", 0) for c in cost.values()),
             "images_attacked": attacked,
             "images_spared": round(1 - attacked / (n_images * len(real)), 4)
             if n_images and real else None}
@@ -109,6 +113,10 @@ def fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _recall(v: float | None) -> str:
+    return "absent" if v is None else f"{v:.4f}"
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
     score = report["score_metric"]
     lines = [
@@ -145,6 +153,11 @@ def summary_markdown(report: dict[str, Any]) -> str:
                   "the first is the worst case up to that attack. It spared "
                   f"{cost['images_spared']:.0%} of the attack calls "
                   f"({cost['images_attacked']} images attacked, {cost['total_seconds']} s)."]
+    if report.get("cost") and report["cost"].get("forward_passes") is not None:
+        cost = report["cost"]
+        lines += ["", f"Attack cost: {cost['total_seconds']} s, "
+                  f"{cost['forward_passes']:,} forward and {cost['backward_passes']:,} backward "
+                  "image passes through the model (counted on it)."]
     for name, why in (report.get("skipped_attacks") or {}).items():
         lines += ["", f"- **skipped** `{name}`: {why}"]
     per_class = [k for k in report["clean"] if "/" in k]
@@ -158,8 +171,14 @@ def summary_markdown(report: dict[str, Any]) -> str:
                   "| class | clean | " + " | ".join(heads) + " |",
                   "|---|---|" + "---|" * len(heads)]
         for key in per_class:
-            cells = [f"{report['clean'][key]:.4f}"] + [f"{r[key]:.4f}" for r in strongest.values()]
+            cells = [_recall(report["clean"][key])] + [_recall(r.get(key))
+                                                       for r in strongest.values()]
             lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(cells) + " |")
+        absent = absent_classes(report["clean"])
+        if absent:
+            lines += ["", f"Absent from the evaluated images: {', '.join(absent)}. Balanced "
+                      "accuracy is the mean recall over the classes present (as scikit-learn's "
+                      "`balanced_accuracy_score`); an absent class is shown as absent, not 0."]
     checks = report.get("checks") or []
     if checks:
         lines += ["", "Honesty checks (AutoAttack's flags, Carlini et al. 2019):", ""]

@@ -331,7 +331,8 @@ class RobustClassifier(L.LightningModule):
         ``<stage>/adv_<metric>`` (plus ``<stage>/adv_score`` outside training)."""
         values = {f"{stage}/{'adv_' if kind == 'adv' else ''}{k}":
                   torch.tensor(v, device=self.device)
-                  for kind, computed in by_kind.items() for k, v in computed.items()}
+                  for kind, computed in by_kind.items() for k, v in computed.items()
+                  if v is not None}  # a class absent from the images has no recall
         if stage != "train" and f"{stage}/adv_{self.score_key}" in values:
             values[f"{stage}/adv_score"] = values[f"{stage}/adv_{self.score_key}"]
         if values:
