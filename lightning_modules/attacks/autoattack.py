@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_modules.attacks.base import Attack
-from lightning_modules.attacks.fast import third_party_precision
+from lightning_modules.attacks.fast import model_dtype, third_party_precision
 from lightning_modules.core.tasks import LossFn, Task
 
 __all__ = ["AutoAttack", "components_for"]
@@ -118,9 +118,7 @@ class AutoAttack(Attack):
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from pyautoattack import AutoAttack as _AutoAttack
 
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                     torch.float32)
-        xf = x.to(dtype)
+        xf = x.to(model_dtype(model))
         with torch.no_grad():
             num_classes = int(model(xf[:1]).shape[1])
         components, targets = self.suite(num_classes)

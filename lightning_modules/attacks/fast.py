@@ -38,7 +38,7 @@ from lightning_modules.attacks.base import Attack, input_grad
 from lightning_modules.attacks.pgd import margin_loss
 from lightning_modules.core.tasks import LossFn, Task
 
-__all__ = ["FastAttack", "third_party_precision"]
+__all__ = ["FastAttack", "third_party_precision", "model_dtype"]
 
 _NORMS = {"linf": "Linf", "l2": "L2"}
 
@@ -48,7 +48,6 @@ class third_party_precision:  # noqa: N801 - used as a context manager, like tor
     global RNG (CPU and that CUDA device) restored afterwards."""
 
     def __init__(self, x: torch.Tensor) -> None:
-        self.device = x.device
         self._rng = torch.random.fork_rng(devices=[x.device] if x.is_cuda else [])
         self._cast = torch.autocast(device_type=x.device.type, enabled=False)
 
@@ -61,7 +60,7 @@ class third_party_precision:  # noqa: N801 - used as a context manager, like tor
         self._rng.__exit__(*exc)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype:
     param = next(iter(model.parameters()), None)
     return param.dtype if param is not None and param.is_floating_point() else torch.float32
 
@@ -124,7 +123,7 @@ class FastAttack(Attack):
             raise ValueError("the fast attack is for single-label (multiclass) tasks; use PGD "
                              "for multi-label ones")
         with third_party_precision(x):
-            dtype = _model_dtype(model)
+            dtype = model_dtype(model)
             xf, y = x.to(dtype).contiguous(), y.long()
             adv = xf.clone()
             with torch.no_grad():
