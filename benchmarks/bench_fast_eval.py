@@ -161,9 +161,10 @@ def measure(args) -> dict:
            "norm": norm, "eps": eps, "mask": args.mask}
     old = json.loads(out_path.read_text()) if out_path.is_file() else {}
     with torch.no_grad():
-        clean = float((~task.wrong(net(x), y)).float().mean())
+        clean_flags = ~task.wrong(net(x), y)
     result = {"name": args.name, **key, "eps_str": format_eps(eps), **what,
-              "clean_acc": clean, "threads": torch.get_num_threads()}
+              "clean_acc": float(clean_flags.float().mean()), "threads": torch.get_num_threads(),
+              "clean": clean_flags.int().tolist(), "labels": y.tolist()}
     if old.get("key") == key and "reference" in old and not args.redo:
         result["reference"] = old["reference"]
         print(f"{args.name}: reference reused from {out_path}", flush=True)
@@ -230,6 +231,41 @@ def table(folder: str, tuned: set[str]) -> None:
                   f"excess of the default over the reference {100 * worst:.2f} points")
 
 
+def balanced(flags: list[int], labels: list[int]) -> float:
+    """Mean recall over the classes present (scikit-learn's ``balanced_accuracy_score``)."""
+    f, y = torch.tensor(flags, dtype=torch.float), torch.tensor(labels)
+    return float(torch.stack([f[y == c].mean() for c in y.unique()]).mean())
+
+
+def defense_table(folder: str, names: list[str]) -> None:
+    """Balanced accuracy (classes present) per checkpoint: clean, PGD-20, the fast default,
+    AutoAttack standard, and the per-image worst case of AutoAttack and PGD-20
+    (``evaluation=autoattack``); the ranking is by the last."""
+    rows = []
+    for name in names:
+        p = Path(folder) / f"{name}.json"
+        if not p.is_file():
+            print(f"{name}: no result in {p}")
+            continue
+        r = json.loads(p.read_text())
+        ref, pgd = r["reference"]["robust"], r["pgd20"]["robust"]
+        worst = [a & b for a, b in zip(ref, pgd, strict=True)]
+        cols = [balanced(v, r["labels"]) for v in (r["clean"], pgd, r["default"]["robust"], ref,
+                                                   worst)]
+        rows.append((r, cols))
+    print("| defense | n | clean | PGD-20 | fast default | AutoAttack | worst (AA, PGD-20) | "
+          "rank | default above AA (images) | AA below PGD-20 by | found by |\n"
+          + "|---" * 11 + "|")
+    order = sorted(rows, key=lambda rc: -rc[1][4])
+    for r, cols in rows:
+        drop = cols[1] - cols[3]
+        found = ", ".join(f"{k} {v}" for k, v in r["reference"].get("fooled_by_component",
+                                                                    {}).items() if v)
+        print(f"| {r['defense']} | {r['n']} | " + " | ".join(f"{c:.4f}" for c in cols)
+              + f" | {order.index((r, cols)) + 1} | {r['default_robust_reference_not']} | "
+              f"{100 * drop:.2f} points | {found} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt")
@@ -244,11 +280,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--table", default=None, help="print the table of a folder of results")
     parser.add_argument("--tuned", default="", help="checkpoint names the default was tuned on")
+    parser.add_argument("--defense-table", default=None,
+                        help="comma-separated result names: balanced-accuracy table with ranking "
+                             "(needs --out)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.table:
         table(args.table, set(filter(None, args.tuned.split(","))))
+        return
+    if args.defense_table:
+        defense_table(args.out, args.defense_table.split(","))
         return
     if not args.ckpt or not args.name:
         parser.error("--ckpt and --name are needed (or --table)")
