@@ -33,6 +33,20 @@ def _counts(targets: np.ndarray, num_classes: int) -> np.ndarray:
     return (targets > 0).sum(axis=0).astype(np.float64)
 
 
+class WithIndex(Dataset):
+    """``(*sample, i)`` for sample ``i`` of ``dataset`` (``None`` stays ``None``: unreadable)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return None if item is None else (*item, i)
+
+
 def sample_weights(targets: np.ndarray, num_classes: int) -> np.ndarray:
     """Per-sample weights that make every class equally likely under a weighted sampler.
 
@@ -104,6 +118,9 @@ class SplitDataModule(L.LightningDataModule):
         # evaluate.py sets this (with Trainer(use_distributed_sampler=False)): val/test loaders
         # are sharded across DDP ranks without the padding duplicates of DistributedSampler
         self.shard_eval = False
+        # set by build() when the defense keeps per-image state (defense.needs_index): training
+        # batches are then (x, y, training-set indices)
+        self.train_index = False
 
     def targets(self, split: str) -> np.ndarray:
         """Labels of ``split``: ``(N,)`` class indices or ``(N, K)`` multi-hot."""
@@ -178,6 +195,8 @@ class SplitDataModule(L.LightningDataModule):
         hp = self.hparams
         bs = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
         ds = self.datasets[split]
+        if split == "train" and self.train_index:
+            ds = WithIndex(ds)
         sampler = self._sampler() if shuffle else None
         trainer = self.trainer
         if self.shard_eval and not shuffle and trainer is not None and trainer.world_size > 1:

@@ -181,12 +181,17 @@ def test_threat_reaches_every_attack(norm, eps, tmp_path):
                                     f"threat.eps={eps}"], tmp_path)
         val = instantiate_node(cfg, "attack")
         assert (val.norm, val.eps) == (norm, pytest.approx(value))
-        if (defense, norm) in (("n_fgsm", "l2"), ("smoothadv", "linf")):
-            # N-FGSM is defined for L-inf only, SmoothAdv (the smoothed classifier) for L2
+        if (defense, norm) in (("n_fgsm", "l2"), ("fgsm_pgi", "l2"), ("smoothadv", "linf")):
+            # N-FGSM and FGSM-PGI are defined for L-inf only, SmoothAdv (the smoothed
+            # classifier) for L2
             with pytest.raises(ConfigError, match="norm"):
                 build_defense(cfg)
             continue
-        attacks = list(build_defense(cfg)[0].attacks.values())
+        built = build_defense(cfg)[0]
+        if defense == "fgsm_pgi":  # crafts its own FGSM step from per-image priors
+            assert built.eps == pytest.approx(value)
+            continue
+        attacks = list(built.attacks.values())
         assert attacks or defense in ("none", "gaussian"), defense
         for atk in attacks:
             assert atk.norm == norm, (defense, atk)

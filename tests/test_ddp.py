@@ -77,7 +77,8 @@ def test_evaluator_ignores_masked_samples(trained_model):
 # ---------------------------------------------------- a ddp_sim run against one process
 # 37 validation and test images, 8 per batch and rank: 2 x 8 does not divide 37, so the
 # DistributedSampler pads rank 1's last batch with image 0. A deterministic attack (PGD from
-# the clean point) so that both sides see the same adversarial images.
+# the clean point) so that both sides see the same adversarial images. With an EMA of the
+# weights: the DDP run validates and checkpoints the average, one process loads it.
 EQUAL_RUN = [
     "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.num_sanity_val_steps=0",
     "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
@@ -85,6 +86,7 @@ EQUAL_RUN = [
     "datamodule.batch_size=16", "datamodule.eval_batch_size=8", "datamodule.image_size=16",
     "datamodule.signal_amplitude=0.15", "backbone.width=8", "defense=none",
     "attack.steps=2", "attack.random_start=false", "print_summary=false",
+    "defense.averaging=ema",  # weight averaging under DDP: validation and checkpoints average
 ]
 
 

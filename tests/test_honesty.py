@@ -298,3 +298,38 @@ def test_more_steps_fires_on_a_one_step_pgd_labelled_pgd20_and_passes_the_defaul
         _reported(model, attack_from_config("fast", eps=eps), x, y)
     check, _ = more_steps_check(model, x, y, TASK, robust, "pgd + fast", stronger)
     assert check.passed, check
+
+
+def test_more_steps_second_draw_forgives_noise_but_not_a_weak_attack(trained_model):
+    """Images the stronger PGD fools get a second draw of the reported attacks: those it then
+    fools are random-start noise and do not count; those it still misses do. A one-step PGD
+    labelled PGD-20 stays flagged through its own second draw."""
+    model, x, y = trained_model
+    x, y = x[:64], y[:64]
+    eps = 6 / 255
+    stronger = stronger_pgd(attack_from_config("pgd_eval", eps=eps), TASK)
+    with torch.no_grad():
+        clean_ok = model(x).argmax(1) == y
+    # reported: every clean-right image robust (an attack that did nothing)
+    seen = []
+
+    def fooled_all(mask):
+        seen.append(int(mask.sum()))
+        return torch.zeros(int(mask.sum()), dtype=torch.bool)
+
+    check, strong_robust = more_steps_check(model, x, y, TASK, clean_ok, "noisy", stronger,
+                                            redraw=fooled_all)
+    flagged = int((clean_ok & ~strong_robust).sum())
+    assert flagged > 1 and seen == [flagged]
+    assert check.passed and "second draw" in check.detail, check
+    check, _ = more_steps_check(model, x, y, TASK, clean_ok, "noisy", stronger,
+                                redraw=lambda mask: torch.ones(int(mask.sum()), dtype=torch.bool))
+    assert not check.passed and f"fooled {flagged} image(s)" in check.detail, check
+    weak = PGD(**attack_kwargs("pgd_eval", eps=eps, steps=1, step_size=eps / 8,
+                               random_start=False))
+    torch.manual_seed(0)
+    robust = _reported(model, weak, x, y)
+    check, _ = more_steps_check(
+        model, x, y, TASK, robust, "pgd (PGD-20)", stronger,
+        redraw=lambda mask: _reported(model, weak, x[mask], y[mask]))
+    assert not check.passed and "upper bound" in check.detail, check

@@ -38,9 +38,9 @@ def _child(args: list[str], kill_at: tuple[int, int] | None) -> None:
 
             instantiate_dict = build.instantiate_dict
 
-            def signal_then_instantiate(*args):
+            def signal_then_instantiate(*args, **kwargs):
                 os.kill(os.getpid(), signum)
-                return instantiate_dict(*args)
+                return instantiate_dict(*args, **kwargs)
 
             build.instantiate_dict = signal_then_instantiate
 

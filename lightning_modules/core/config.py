@@ -36,8 +36,9 @@ def instantiate_node(cfg: DictConfig, key: str, drop: tuple[str, ...] = (), **kw
         raise ConfigError(f"{key}: {type(cause).__name__}: {cause}") from err
 
 
-def instantiate_dict(cfg: DictConfig, key: str) -> list[Any]:
-    """Instantiate every ``_target_`` node of ``cfg[key]`` (a dict of callbacks or loggers)."""
+def instantiate_dict(cfg: DictConfig, key: str, skip: tuple[str, ...] = ()) -> list[Any]:
+    """Instantiate every ``_target_`` node of ``cfg[key]`` (a dict of callbacks or loggers) but
+    those named in ``skip``."""
     node = cfg.get(key)
     if not node:
         return []
@@ -45,7 +46,7 @@ def instantiate_dict(cfg: DictConfig, key: str) -> list[Any]:
         raise ConfigError(f"{key} must be a dict of _target_ nodes, got {type(node).__name__}")
     out = []
     for name, sub in node.items():
-        if isinstance(sub, DictConfig) and "_target_" in sub:
+        if isinstance(sub, DictConfig) and "_target_" in sub and name not in skip:
             out.append(instantiate_node(node, name))
     return out
 

@@ -37,6 +37,22 @@ class Defense:
     name = "defense"
     attacks: dict = {}
     tasks: tuple[str, ...] = ("multiclass", "multilabel")  # the tasks it can train
+    # True: __call__ also takes ``index``, the training-set indices of the batch's images (the
+    # datamodule then yields them), for defenses with per-image state (FGSM-PGI's priors)
+    needs_index = False
+
+    def on_train_epoch_start(self, epoch: int, num_samples: int = 0) -> None:
+        """Called by the LightningModule before every training epoch."""
+
+    def on_train_epoch_end(self) -> None:
+        """Called by the LightningModule after every training epoch (on every DDP rank)."""
+
+    def state_dict(self) -> dict:
+        """State to keep in checkpoints (beyond the model's weights) for an exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,

@@ -5,8 +5,9 @@ bound), and a check that runs after the evaluation can only report it. So before
 runs, :func:`more_steps_preflight` attacks a seeded sample of the split (64 images) at the largest
 radius with the mounted attacks (their per-sample worst case, as the report computes it) and with
 PGD of 5x the steps and 2 more restarts on the task loss and the C&W margin
-(:func:`~lightning_modules.evaluation.honesty.stronger_pgd`). When the stronger attacks fool more
-than one image the mounted ones counted robust, the check fails and the stronger attacks join
+(:func:`~lightning_modules.evaluation.honesty.stronger_pgd`). The images the stronger attacks
+fool and the mounted ones counted robust get a second draw of the mounted attacks (fresh random
+starts); when more than one image survives it too, the check fails and the stronger attacks join
 the evaluation: rows ``pgd_strong`` and ``pgd_strong_cw`` at every radius, inside the worst case
 (with the cascade, only on the images still robust). The outcome is kept in
 ``<report dir>/preflight.json``: a resumed run, and every DDP rank after rank 0, reuse it, so all
@@ -97,8 +98,16 @@ def more_steps_preflight(net: nn.Module, attacks: dict[str, Attack], eps: float,
             worst = out.worst["worst"] if many else next(iter(out.adv.values()))
             t = Task(task)
             reported_robust = ~t.wrong(out.clean, y) & ~t.wrong(worst, y)
+
+            def redraw(mask: torch.Tensor) -> torch.Tensor:
+                torch.manual_seed(seed + 1)
+                again = evaluator.attack_batch(net, x[mask], y[mask])
+                adv = again.worst["worst"] if many else next(iter(again.adv.values()))
+                return ~t.wrong(again.clean, y[mask]) & ~t.wrong(adv, y[mask])
+
             check, _ = more_steps_check(net, x, y, t, reported_robust, " + ".join(cells),
-                                        {n: a.with_eps(eps) for n, a in stronger.items()})
+                                        {n: a.with_eps(eps) for n, a in stronger.items()},
+                                        redraw=redraw)
     finally:
         net.to("cpu")
     if _rank() == 0:

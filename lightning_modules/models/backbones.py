@@ -9,6 +9,7 @@ backbone, and attacks never see normalised pixels.
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,6 +83,33 @@ def small_cnn(num_classes: int, in_chans: int = 3, width: int = 32, dropout: flo
     return NormalizedModel(SmallCNN(num_classes, in_chans, width, dropout), mean, std, in_chans)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def local_weights(weights_path: str) -> tuple[Path, dict]:
+    """``(weights file, pretrained config found beside it)`` of ``backbone.weights_path``: a
+    file, or a folder holding one weights file (a Hugging Face snapshot of a timm model:
+    ``model.safetensors`` or ``pytorch_model.bin``, with its ``config.json`` whose
+    ``pretrained_cfg`` gives the normalisation statistics)."""
+    path = Path(weights_path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        preferred = [p for p in files if p.name in ("model.safetensors", "pytorch_model.bin")]
+        files = preferred[:1] or files
+        if len(files) != 1:
+            raise FileNotFoundError(
+                f"backbone.weights_path={str(path)!r} is a folder with "
+                f"{'no' if not files else len(files)} weights files "
+                f"({'/'.join(WEIGHT_SUFFIXES)}); name the file")
+        config = path / "config.json"
+        extra = json.loads(config.read_text()).get("pretrained_cfg", {}) \
+            if config.is_file() else {}
+        return files[0], extra
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone.weights_path={str(path)!r} does not exist")
+    return path, {}
+
+
 def timm_model(
     name: str,
     num_classes: int,
@@ -94,10 +122,13 @@ def timm_model(
 ) -> NormalizedModel:
     """Any ``timm`` model by name, behind a normaliser.
 
-    Nothing is downloaded: ``pretrained`` must come with a local ``weights_path`` (a timm/
-    torchvision state dict, ``.pth``/``.bin``/``.safetensors``); the classifier head is resized
-    to ``num_classes`` and the stem to ``in_chans`` by timm. ``mean``/``std`` default to the
-    model's pretrained config (ImageNet statistics for most).
+    ``pretrained``: with ``weights_path`` (a local file, ``.safetensors``/``.pth``/``.pt``/
+    ``.bin``, or a folder holding one, e.g. a Hugging Face snapshot), the weights are read from
+    there; without it, timm's own loading (its Hugging Face hub or URL, through the local cache,
+    so ``HF_HUB_OFFLINE=1`` works from a filled cache). When neither can be had: one line naming
+    both options. timm resizes the classifier head to ``num_classes`` and the stem to
+    ``in_chans``. ``mean``/``std`` default to the pretrained config of the weights (ImageNet's
+    statistics for most), applied inside the model (inputs stay in [0, 1]).
     """
     import timm
 
@@ -107,22 +138,23 @@ def timm_model(
         hint = f"; did you mean one of {close}?" if close else ""
         raise ValueError(f"backbone.name={name!r} is not a timm model{hint}")
     overlay = None
-    if pretrained:
-        if not weights_path:
-            raise ValueError(
-                "backbone.pretrained=true needs backbone.weights_path (a local file): "
-                "nothing is downloaded at run time"
-            )
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone.weights_path={str(path)!r} does not exist")
-        overlay = {"file": str(path)}
-    elif weights_path:
+    if weights_path and not pretrained:
         raise ValueError("backbone.weights_path is set but backbone.pretrained=false")
-    net = timm.create_model(
-        name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-        pretrained_cfg_overlay=overlay, **kwargs,
-    )
+    if weights_path:
+        path, found_cfg = local_weights(weights_path)
+        overlay = {**{k: found_cfg[k] for k in ("mean", "std") if k in found_cfg},
+                   "file": str(path)}
+    try:
+        net = timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                                in_chans=in_chans, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as err:  # the hub's errors (offline, no cache, HTTP) have no common base
+        if not pretrained or weights_path:
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"backbone.pretrained=true: timm could not get the pretrained weights of {name!r} "
+            f"({type(err).__name__}: {first}); offline, set backbone.weights_path to a local "
+            "weights file or folder, or backbone.pretrained=false") from None  # named above
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     mean = mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406))
     std = std if std is not None else cfg.get("std", (0.229, 0.224, 0.225))

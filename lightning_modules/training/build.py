@@ -14,6 +14,7 @@ from lightning_modules.core.config import instantiate_dict, instantiate_node
 from lightning_modules.core.errors import ConfigError
 from lightning_modules.models.backbones import check_input_size
 from lightning_modules.training import resume
+from lightning_modules.training.averaging import KINDS
 from lightning_modules.training.checks import THREAT_KEYS, check_values
 from lightning_modules.training.selection import CRITERIA
 
@@ -45,6 +46,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
                               f"{', ' + str(cfg.backbone.name) if 'name' in cfg.backbone else ''})"
                               f": {err}") from err
     defense, selection = build_defense(cfg)
+    datamodule.train_index = bool(getattr(defense, "needs_index", False))
     task = cfg.datamodule.get("task")
     if task is not None and task not in defense.tasks:
         raise ConfigError(f"defense={defense.name} trains {'/'.join(defense.tasks)} tasks only, "
@@ -61,7 +63,12 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"module.optimizer / module.scheduler: {type(err).__name__}: "
                           f"{err}") from err
-    callbacks = instantiate_dict(cfg, "callbacks")
+    averaging = cfg.defense.get("averaging", "none")
+    if averaging not in ("none", None, *KINDS):
+        raise ConfigError(f"defense.averaging={averaging!r} must be one of "
+                          f"{['none', *KINDS]}")
+    callbacks = instantiate_dict(cfg, "callbacks",
+                                 skip=("weight_averaging",) if averaging in ("none", None) else ())
     loggers = instantiate_dict(cfg, "logger")
     # checkpoints written atomically (temporary file, fsync, rename), unless plugins are set
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [resume.AtomicCheckpointIO()]}
@@ -79,7 +86,7 @@ def build_defense(cfg: DictConfig):
     selection = cfg.defense.get("selection")  # conf/defense/base/defaults.yaml
     if selection not in CRITERIA:
         raise ConfigError(f"defense.selection={selection!r} must be one of {list(CRITERIA)}")
-    return instantiate_node(cfg, "defense", drop=("selection",)), selection
+    return instantiate_node(cfg, "defense", drop=("selection", "averaging")), selection
 
 
 def fill_from_data(cfg: DictConfig, datamodule) -> None:

@@ -8,10 +8,15 @@ PGD accuracy drops by ``min_drop`` or more below its best so far, it warns and, 
 stops training (``stop``) or restores the last good weights and stops (``restore``); ``warn``
 only warns. The attacks have no random start, and the accuracies are averaged over DDP ranks, so every
 rank reaches the same verdict (a rank stopping alone would leave the others waiting).
+
+``TrainClock``: the wall time spent training (validation and sanity checks left out), logged as
+``time/train_s`` at every validation, cumulative across a resume: the x axis of
+``benchmarks/bench_time_to_robustness.py``.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import lightning as L
@@ -21,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_modules.attacks.config import attack_from_config
 from lightning_modules.core.tensors import to_memory_format
 
-__all__ = ["CatastrophicOverfittingMonitor"]
+__all__ = ["CatastrophicOverfittingMonitor", "TrainClock"]
 
 ACTIONS = ("warn", "stop", "restore")
 
@@ -124,3 +129,39 @@ class CatastrophicOverfittingMonitor(Callback):
         self.collapsed_epoch = state_dict.get("collapsed_epoch")
 
 
+
+
+class TrainClock(Callback):
+    """Cumulative training wall time in seconds (``time/train_s``), validation excluded."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._since: float | None = None
+
+    def _pause(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._since = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule
+                                  ) -> None:
+        self._pause()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        # each rank's own clock, not reduced (the logger writes rank 0's)
+        pl_module.log("time/train_s", self.seconds)
+        self._since = time.perf_counter()  # training goes on (mid-epoch validation)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause()
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.seconds = float(state_dict.get("seconds", 0.0))

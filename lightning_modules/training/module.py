@@ -203,12 +203,13 @@ class RobustClassifier(L.LightningModule):
         return min(1.0, progress / warmup)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y, *index = batch  # (x, y, indices) when the defense needs_index
         x = to_memory_format(x, self.memory_format)
         scale = self.eps_scale(batch_idx)
         if self.hparams.eps_warmup_epochs > 0:
             self.log("train/eps_scale", scale, on_step=False, on_epoch=True)
-        out = self.defense(self.net, x, y, self.train_task, eps_scale=scale)
+        extra = {"index": index[0]} if self.defense.needs_index else {}
+        out = self.defense(self.net, x, y, self.train_task, eps_scale=scale, **extra)
         logits_clean = out.logits_clean
         if logits_clean is None and self.hparams.train_clean_metrics:
             with torch.no_grad(), attack_mode(self.net, "eval"):
@@ -239,7 +240,13 @@ class RobustClassifier(L.LightningModule):
                 f"{getattr(self.defense, 'name', type(self.defense).__name__)}); lower "
                 "module.optimizer.lr (checkpoints written so far are kept)")
 
+    def on_train_epoch_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        size = len(loader.dataset) if isinstance(loader, DataLoader) else 0
+        self.defense.on_train_epoch_start(self.current_epoch, size)
+
     def on_train_epoch_end(self) -> None:
+        self.defense.on_train_epoch_end()
         values = {}
         for kind, coll in self.train_metrics.items():
             if any(m.update_count > 0 for m in coll.values()):
@@ -350,6 +357,12 @@ class RobustClassifier(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "frequency": 1}}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.defense.load_state_dict(checkpoint.get("defense_state") or {})
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = self.defense.state_dict()
+        if state:
+            checkpoint["defense_state"] = state
         if self.run_config is not None:
             checkpoint["medrobust_config"] = self.run_config
