@@ -27,8 +27,13 @@ def _monitor(trainer) -> CatastrophicOverfittingMonitor:
     return next(c for c in trainer.callbacks if isinstance(c, CatastrophicOverfittingMonitor))
 
 
-def test_fires_on_synthetic_collapse_and_restores(tmp_path):
-    parts = _parts(tmp_path)
+@pytest.mark.parametrize("overrides", [("defense.averaging=none",), (),
+                                       ("defense=fgsm_pgi",)])
+def test_fires_on_synthetic_collapse_and_restores(tmp_path, overrides):
+    """Restores the weights of the last good epoch and stops; with weight averaging (EMA, the
+    default) training ends with the average of that epoch; FGSM-PGI (no attack objects) is
+    watched like the other single-step defenses."""
+    parts = _parts(tmp_path, *overrides)
     trainer, module = parts["trainer"], parts["module"]
     monitor = _monitor(trainer)
     script = iter([(0.50, 0.55), (0.62, 0.66), (0.03, 0.90), (0.7, 0.7), (0.7, 0.7)])
@@ -46,7 +51,14 @@ def test_fires_on_synthetic_collapse_and_restores(tmp_path):
     assert monitor.collapsed_epoch == 2 and monitor.good_epoch == 1
     assert trainer.current_epoch == 3  # stopped after epoch 2, not at max_epochs=6
     final = module.state_dict()
-    assert all(torch.equal(final[k], v) for k, v in monitor.good_state.items())
+    if "defense.averaging=none" in overrides:
+        good = monitor.good_state
+        assert monitor.good_average is None
+    else:  # the AveragedModel's entries of the module: "module.<key>"
+        good = {k[len("module."):]: v for k, v in monitor.good_average.items()
+                if k.startswith("module.")}
+        assert set(good) == set(final)
+    assert all(torch.equal(final[k], v) for k, v in good.items())
     assert any(not torch.equal(final[k], v) for k, v in snap["collapsed"].items())
 
 

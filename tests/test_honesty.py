@@ -305,7 +305,7 @@ def test_more_steps_second_draw_forgives_noise_but_not_a_weak_attack(trained_mod
     fools are random-start noise and do not count; those it still misses do. A one-step PGD
     labelled PGD-20 stays flagged through its own second draw."""
     model, x, y = trained_model
-    x, y = x[:64], y[:64]
+    x, y = x[:32], y[:32]
     eps = 6 / 255
     stronger = stronger_pgd(attack_from_config("pgd_eval", eps=eps), TASK)
     with torch.no_grad():

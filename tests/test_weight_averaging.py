@@ -13,8 +13,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.core.errors import ConfigError
-from lightning_modules.training.averaging import WeightAveraging, ema_decay
+from lightning_modules.training.averaging import WeightAveraging as _WeightAveraging
+from lightning_modules.training.averaging import ema_decay
 from lightning_modules.training.build import build
+
+
+def WeightAveraging(kind="ema", decay=0.999, swa_start_epoch=0):  # noqa: N802 - the class
+    """The callback with conf/callbacks/default.yaml's settings unless given."""
+    return _WeightAveraging(kind=kind, decay=decay, swa_start_epoch=swa_start_epoch, device=None)
 
 
 class Tiny(L.LightningModule):
@@ -100,7 +106,7 @@ def test_ema_equals_a_hand_computed_average_and_the_checkpoint_holds_it(tmp_path
         assert torch.equal(v, ckpt["state_dict"][k])
 
 
-@pytest.mark.parametrize("callback", [WeightAveraging, LightningWeightAveraging])
+@pytest.mark.parametrize("callback", [_WeightAveraging, LightningWeightAveraging])
 def test_testing_a_checkpoint_after_fit_uses_the_averaged_weights(tmp_path, callback):
     """``train.py`` fits, then tests the selected checkpoint with the same Trainer. Lightning's
     own callback then reloads the raw weights (``current_model_state``) into the model; ours
@@ -112,7 +118,7 @@ def test_testing_a_checkpoint_after_fit_uses_the_averaged_weights(tmp_path, call
     tested = model.tested
     averaged = all(torch.equal(tested[k], ckpt["state_dict"]["net." + k]) for k in tested)
     raw = all(torch.equal(tested[k], ckpt["current_model_state"]["net." + k]) for k in tested)
-    if callback is WeightAveraging:
+    if callback is _WeightAveraging:
         assert averaged and not raw
     else:  # the trap this subclass exists for
         assert raw and not averaged
@@ -169,7 +175,7 @@ def test_bad_settings_are_one_line(train_cfg):
 def test_adversarial_training_averages_and_standard_training_does_not(train_cfg):
     def mounted(*overrides):
         return [c for c in build(train_cfg(*overrides))["trainer"].callbacks
-                if isinstance(c, WeightAveraging)]
+                if isinstance(c, _WeightAveraging)]
 
     (ema,) = mounted("defense=pgd_at")
     assert ema.kind == "ema" and ema.decay == 0.999
@@ -207,3 +213,27 @@ def test_a_checkpoint_written_during_validation_keeps_raw_and_average_apart(tmp_
     for key in ("state_dict", "current_model_state"):
         for k, v in end[key].items():
             assert torch.equal(during[key][k], v), (key, k)
+
+
+def test_train_py_tests_the_averaged_weights(train_cfg, tmp_path):
+    """Through train.py (PGD-AT, EMA by default): the checkpoint it tests holds the average as
+    its state_dict, and the weights trainer.test ran on are exactly those."""
+    from omegaconf import open_dict
+
+    from tests.test_ddp import SaveTestedWeights
+    from train import train
+
+    weights = tmp_path / "tested.pt"
+    cfg = train_cfg("defense=pgd_at", "trainer.max_epochs=2", "threat.train_steps=1",
+                    "attack.steps=1", "print_summary=false")
+    with open_dict(cfg):
+        cfg.callbacks.tested = {"_target_": "tests.test_ddp.SaveTestedWeights",
+                                "path": str(weights)}
+    assert SaveTestedWeights  # the callback the config names
+    result = train(cfg)
+    ckpt = torch.load(result["best_checkpoint"], weights_only=False)
+    tested = torch.load(weights, weights_only=True)
+    assert set(tested) == set(ckpt["state_dict"])
+    assert all(torch.equal(tested[k], ckpt["state_dict"][k]) for k in tested)
+    assert any(not torch.equal(tested[k], ckpt["current_model_state"][k]) for k in tested
+               if tested[k].is_floating_point())

@@ -40,6 +40,8 @@ class Defense:
     # True: __call__ also takes ``index``, the training-set indices of the batch's images (the
     # datamodule then yields them), for defenses with per-image state (FGSM-PGI's priors)
     needs_index = False
+    # False: no adversarial examples in training (the collapse monitor then stays silent)
+    adversarial = True
 
     def on_train_epoch_start(self, epoch: int, num_samples: int = 0) -> None:
         """Called by the LightningModule before every training epoch."""
@@ -66,6 +68,8 @@ class Defense:
 
 class NoDefense(Defense):
     """Standard (empirical risk minimisation) training on clean images: no attack at all."""
+
+    adversarial = False
 
     def __init__(self, name: str) -> None:
         self.name = name

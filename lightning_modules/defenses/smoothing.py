@@ -72,6 +72,8 @@ class GaussianAugmentation(Defense):
 
     tasks = ("multiclass",)
 
+    adversarial = False  # noise, not attacks
+
     def __init__(self, sigma: float, name: str) -> None:
         self.sigma = check_sigma(sigma)
         self.name = name

@@ -55,8 +55,8 @@ class WeightAveraging(_LightningWeightAveraging):
         device: where the averaged copy lives (``None``: the model's device).
     """
 
-    def __init__(self, kind: str = "ema", decay: float = 0.999, swa_start_epoch: int = 0,
-                 device: str | None = None) -> None:
+    def __init__(self, kind: str, decay: float, swa_start_epoch: int,
+                 device: str | None) -> None:
         if kind not in KINDS:
             raise ValueError(f"callbacks.weight_averaging.kind={kind!r} must be one of {KINDS}")
         if not 0.0 <= float(decay) < 1.0:

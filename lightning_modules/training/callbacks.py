@@ -5,7 +5,8 @@ collapse within one epoch: PGD accuracy falls to about zero while FGSM accuracy 
 (Wong, Rice & Kolter, ICLR 2020; Andriushchenko & Flammarion, NeurIPS 2020). After every
 training epoch this callback measures PGD and FGSM accuracy on a fixed validation batch; when
 PGD accuracy drops by ``min_drop`` or more below its best so far, it warns and, by ``action``,
-stops training (``stop``) or restores the last good weights and stops (``restore``); ``warn``
+stops training (``stop``) or restores the last good weights and stops (``restore``; with weight
+averaging the average of that epoch is restored too, and it is what training ends with); ``warn``
 only warns. The attacks have no random start, and the accuracies are averaged over DDP ranks, so every
 rank reaches the same verdict (a rank stopping alone would leave the others waiting).
 
@@ -31,6 +32,14 @@ __all__ = ["CatastrophicOverfittingMonitor", "TrainClock"]
 ACTIONS = ("warn", "stop", "restore")
 
 
+def _average_model(trainer: L.Trainer) -> torch.nn.Module | None:
+    """The ``AveragedModel`` of the run's weight averaging, if any (after its first update)."""
+    from lightning_modules.training.averaging import WeightAveraging
+
+    cb = next((c for c in trainer.callbacks if isinstance(c, WeightAveraging)), None)
+    return None if cb is None or not cb._averaged() else cb._average_model
+
+
 class CatastrophicOverfittingMonitor(Callback):
     """Args:
         eps: attack radius in [0, 1] pixel units; ``None`` = the module's validation attack eps.
@@ -50,6 +59,7 @@ class CatastrophicOverfittingMonitor(Callback):
         self.min_drop, self.action = float(min_drop), action
         self.best_pgd_acc = -1.0
         self.good_state: dict | None = None
+        self.good_average: dict | None = None  # the weight average's state at good_epoch
         self.good_epoch: int | None = None
         self.collapsed_epoch: int | None = None
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -95,7 +105,7 @@ class CatastrophicOverfittingMonitor(Callback):
             pgd_acc, fgsm_acc = (float(a) for a in accs)
         pl_module.log("co/pgd_acc", pgd_acc)
         pl_module.log("co/fgsm_acc", fgsm_acc)
-        if not getattr(pl_module.defense, "attacks", None):
+        if not getattr(pl_module.defense, "adversarial", True):
             return  # no adversarial training (defense=none): falling PGD accuracy is expected
         if pgd_acc >= self.best_pgd_acc:
             self.best_pgd_acc = pgd_acc
@@ -103,6 +113,9 @@ class CatastrophicOverfittingMonitor(Callback):
             if self.action == "restore":
                 self.good_state = {k: v.detach().clone()
                                    for k, v in pl_module.state_dict().items()}
+                average = _average_model(trainer)  # weight averaging: its average too
+                self.good_average = None if average is None else {
+                    k: v.detach().clone() for k, v in average.state_dict().items()}
             return
         if self.best_pgd_acc - pgd_acc < self.min_drop or self.collapsed_epoch is not None:
             return
@@ -112,6 +125,9 @@ class CatastrophicOverfittingMonitor(Callback):
                f"FGSM accuracy {fgsm_acc:.3f}")
         if self.action == "restore" and self.good_state is not None:
             pl_module.load_state_dict(self.good_state)
+            average = _average_model(trainer)
+            if average is not None and self.good_average is not None:
+                average.load_state_dict(self.good_average)
             msg += f"; restored the weights of epoch {self.good_epoch} and stopped"
             trainer.should_stop = True
         elif self.action in ("stop", "restore"):
