@@ -114,14 +114,15 @@ def report(folder: str, defenses: list[str] | None = None) -> None:
     print(f"target per seed (PGD AT without averaging, best val/adv_score, at train s, epoch):"
           f" {targets}")
     print("| defense | averaging | seeds | reached | train s to target (mean) | epochs | "
-          "x PGD AT's time to its best | best val robust | test robust (PGD-10) | fast default "
-          "| collapse |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "x PGD AT's time to its best | train s, whole run | best val robust | test robust "
+          "(PGD-10) | fast default | collapse |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     keys = sorted({(d, a) for (d, a, _) in runs}, key=lambda k: (k[0] != "pgd_at", k))
     lines = {}
     for defense, averaging in keys:
         if defenses and defense not in defenses:
             continue
         times, epochs, ratios, bests, tests, fasts, collapses, n = [], [], [], [], [], [], 0, 0
+        totals = []
         for s in seeds:
             r = runs.get((defense, averaging, s))
             if r is None or s not in targets:
@@ -135,6 +136,7 @@ def report(folder: str, defenses: list[str] | None = None) -> None:
                 epochs.append(hit[0] + 1)
                 ratios.append(hit[1] / targets[s][1])
             bests.append(max(row[2] for row in c))
+            totals.append(c[-1][1])
             f = final(r)
             tests.append(f["test_adv_bal_acc"])
             if f.get("fast_default_bal_acc") is not None:
@@ -148,7 +150,8 @@ def report(folder: str, defenses: list[str] | None = None) -> None:
             return fmt.format(statistics.mean(v)) + sd
 
         print(f"| {defense} | {averaging} | {n} | {len(times)}/{n} | {mean(times, '{:.0f}')} | "
-              f"{mean(epochs, '{:.1f}')} | {mean(ratios, '{:.2f}')} | {mean(bests, '{:.4f}')} | "
+              f"{mean(epochs, '{:.1f}')} | {mean(ratios, '{:.2f}')} | {mean(totals, '{:.0f}')} | "
+              f"{mean(bests, '{:.4f}')} | "
               f"{mean([t for t in tests if t is not None], '{:.4f}')} | "
               f"{mean(fasts, '{:.4f}')} | {collapses}/{n} |")
     plot(lines, Path(folder) / "time_to_robustness.png")
