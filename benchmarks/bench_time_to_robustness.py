@@ -62,10 +62,11 @@ def train(args, defense: str, averaging: str, seed: int) -> Path:
         raise SystemExit(f"{folder.name} failed (exit {rc}): see {folder / 'stdout.log'}")
     if args.final_eval:
         ckpt = json.loads((folder / "metrics.json").read_text())["best_checkpoint"]
-        subprocess.call([sys.executable, str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}",
-                         f"subset={args.final_eval}", "trainer.enable_progress_bar=false",
-                         f"hydra.run.dir={folder / 'eval'}"], cwd=ROOT, env=env,
-                        stdout=open(folder / "eval.log", "w"), stderr=subprocess.STDOUT)
+        with open(folder / "eval.log", "w") as log:
+            subprocess.call([sys.executable, str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}",
+                             f"subset={args.final_eval}", "trainer.enable_progress_bar=false",
+                             f"hydra.run.dir={folder / 'eval'}"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
     return folder
 
 

@@ -85,6 +85,11 @@ class WeightAveraging(_LightningWeightAveraging):
     def _averaged(self) -> bool:
         return self._average_model is not None and int(self._average_model.n_averaged) > 0
 
+    def averaged_model(self) -> torch.nn.Module | None:
+        """The ``AveragedModel`` (its ``module`` is the averaged LightningModule), or ``None``
+        before the first update."""
+        return self._average_model if self._averaged() else None
+
     def on_validation_epoch_start(self, trainer: pl.Trainer,
                                   pl_module: pl.LightningModule) -> None:
         if self._averaged():

@@ -37,7 +37,7 @@ def _average_model(trainer: L.Trainer) -> torch.nn.Module | None:
     from lightning_modules.training.averaging import WeightAveraging
 
     cb = next((c for c in trainer.callbacks if isinstance(c, WeightAveraging)), None)
-    return None if cb is None or not cb._averaged() else cb._average_model
+    return None if cb is None else cb.averaged_model()
 
 
 class CatastrophicOverfittingMonitor(Callback):
@@ -143,8 +143,6 @@ class CatastrophicOverfittingMonitor(Callback):
         self.best_pgd_acc = state_dict.get("best_pgd_acc", -1.0)
         self.good_epoch = state_dict.get("good_epoch")
         self.collapsed_epoch = state_dict.get("collapsed_epoch")
-
-
 
 
 class TrainClock(Callback):
