@@ -128,3 +128,54 @@ def test_train_py_runs_fgsm_pgi_with_indices_and_keeps_the_priors(tmp_path):
     seen = ~ckpt["defense_state"]["fresh"]
     assert seen.sum() >= 3 * 32 // 2 and prior[seen].abs().max() <= EPS + 1e-6
     assert prior[seen].abs().amax(dim=(1, 2, 3)).min() > 0  # priors were written
+
+
+def _exchange_rank(rank: int, init_file: str, out: str) -> None:
+    """One rank of a 2-process gloo group (its own file rendezvous, no environment variables):
+    rank r trains on the images with index % 2 == r, then the epoch-end exchange."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)
+        defense = _defense()
+        model = _model()
+        x = torch.rand(6, 3, 8, 8)
+        y = torch.arange(6) % 3
+        index = torch.arange(rank, 6, 2)
+        defense.on_train_epoch_start(0, num_samples=6)
+        defense(model, x[index], y[index], "multiclass", index=index)
+        before = {k: v.clone() for k, v in defense.state_dict().items()}
+        defense.on_train_epoch_end()
+        torch.save({"before": before, "after": defense.state_dict()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_exchange_gives_every_rank_the_rows_the_others_updated(tmp_path):
+    """Under DDP each rank updates only its own images' priors; after the epoch-end all-reduce
+    both ranks hold the same priors and momenta: each row from the rank that updated it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_exchange_rank, args=(r, str(tmp_path / "rdv"), str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    own = {0: torch.arange(0, 6, 2), 1: torch.arange(1, 6, 2)}
+    for rank, res in ((0, r0), (1, r1)):
+        assert res["before"]["fresh"][own[1 - rank]].all()      # not seen here before
+        assert not res["after"]["fresh"].any()                  # every image seen by a rank
+    for key in ("prior", "momentum"):
+        assert torch.equal(r0["after"][key], r1["after"][key])
+        for rank, res in ((0, r0), (1, r1)):
+            rows = own[rank]
+            assert torch.allclose(r0["after"][key][rows], res["before"][key][rows])
+            assert res["before"][key][rows].abs().sum() > 0
