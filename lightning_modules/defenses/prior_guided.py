@@ -118,7 +118,8 @@ class FGSMPGI(Defense):
 
     def _rows(self, index: torch.Tensor, like: torch.Tensor) -> None:
         """Storage for every index seen so far (grown on demand, on ``like``'s device)."""
-        need = max(int(index.max()) + 1, self.num_samples)
+        # the training set's size when the module gave it (no device sync), else the batch's
+        need = self.num_samples or int(index.max()) + 1
         have = 0 if self.prior is None else self.prior.shape[0]
         if self.prior is not None and self.prior.device != like.device:
             self.prior, self.grad_momentum, self.fresh, self.touched = (
@@ -150,19 +151,20 @@ class FGSMPGI(Defense):
         alpha = self.step_size_rel * eps
         index = index.to(x.device).long()
         self._rows(index, x)
-        new = self.fresh[index]
-        if bool(new.any()):  # first use since the start or a reset: alpha * sign(U(-eps, eps))
-            draw = torch.empty_like(x[new]).uniform_(-eps, eps)
-            self.prior[index[new]] = (alpha * draw.sign()).clamp(-eps, eps)
-            self.grad_momentum[index[new]] = 0.0
-            self.fresh[index[new]] = False
-        delta0 = self._project(self.prior[index], x, eps).requires_grad_(True)
+        # first use since the start or a reset: alpha * sign(U(-eps, eps)) and no momentum
+        # (drawn for the whole batch and selected on the device: no host sync per batch)
+        new = self.fresh[index].view(-1, *[1] * (x.dim() - 1))
+        draw = (alpha * torch.empty_like(x).uniform_(-eps, eps).sign()).clamp(-eps, eps)
+        prior = torch.where(new, draw, self.prior[index])
+        momentum = torch.where(new, torch.zeros_like(x), self.grad_momentum[index])
+        self.fresh[index] = False
+        delta0 = self._project(prior, x, eps).requires_grad_(True)
         logits0 = model(x + delta0)
         (grad,) = torch.autograd.grad(task.loss(logits0, y).sum(), delta0, retain_graph=True)
         with torch.no_grad():
             delta_adv = self._project(delta0 + alpha * grad.sign(), x, eps)
             l1 = grad.flatten(1).abs().sum(1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-            m = self.momentum * self.grad_momentum[index] + grad / l1
+            m = self.momentum * momentum + grad / l1
             self.grad_momentum[index] = m
             self.prior[index] = self._project(delta0 + alpha * m.sign(), x, eps)
             self.touched[index] = True
