@@ -189,6 +189,10 @@ def main() -> None:
     p.add_argument("--data-dir")
     p.add_argument("--defenses", default="pgd_at,fgsm_pgi,n_fgsm")
     p.add_argument("--averaging", default="none,ema")
+    p.add_argument("--runs", default=None,
+                   help="defense:averaging pairs instead of the product of the two lists, e.g. "
+                        "pgd_at:none,fgsm_pgi:none,fgsm_pgi:ema (pgd_at:none, the target, is "
+                        "always run)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--image-size", type=int, default=32)
@@ -203,13 +207,17 @@ def main() -> None:
         return
     if not args.dataset or not args.data_dir:
         p.error("--dataset and --data-dir are needed (or --report)")
-    defenses = args.defenses.split(",")
-    if "pgd_at" not in defenses:
-        defenses.insert(0, "pgd_at")  # the target
+    if args.runs:
+        pairs = [tuple(r.split(":")) for r in args.runs.split(",")]
+        if any(len(r) != 2 for r in pairs):
+            p.error(f"--runs {args.runs!r}: expected defense:averaging pairs")
+    else:
+        pairs = [(d, a) for d in args.defenses.split(",") for a in args.averaging.split(",")]
+    if ("pgd_at", "none") not in pairs:
+        pairs.insert(0, ("pgd_at", "none"))  # the target
     for seed in map(int, args.seeds.split(",")):
-        for defense in defenses:
-            for averaging in args.averaging.split(","):
-                train(args, defense, averaging, seed)
+        for defense, averaging in pairs:
+            train(args, defense, averaging, seed)
     report(args.out)
 
 
