@@ -333,3 +333,34 @@ def test_more_steps_second_draw_forgives_noise_but_not_a_weak_attack(trained_mod
         model, x, y, TASK, robust, "pgd (PGD-20)", stronger,
         redraw=lambda mask: _reported(model, weak, x[mask], y[mask]))
     assert not check.passed and "upper bound" in check.detail, check
+
+
+def test_preflight_changes_neither_the_weights_nor_batchnorm_statistics(trained_model, train_cfg,
+                                                                        tmp_path):
+    """The stronger-PGD preflight runs before the evaluation on the same network: it must leave
+    every weight and BatchNorm buffer, and the network's mode, as they were (a train-mode
+    forward pass would move the running statistics the evaluation then reports on), and its
+    own predictions are the eval-mode ones."""
+    from lightning_modules.core.config import instantiate_node
+    from lightning_modules.evaluation.checkpoint import build_network
+    from lightning_modules.evaluation.preflight import more_steps_preflight
+
+    model, _, _ = trained_model
+    cfg = train_cfg("datamodule.image_size=16", "datamodule.n_test=64")
+    datamodule = instantiate_node(cfg, "datamodule")
+    model.train()  # as a network built outside Lightning starts
+    try:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        eps = 4 / 255
+        attacks = {"pgd": attack_from_config("pgd_eval", eps=eps),
+                   "fast": attack_from_config("fast", eps=eps, targeted_iters=5, ce_iters=5)}
+        check, _ = more_steps_preflight(model, attacks, eps, "multiclass", 4, True, datamodule,
+                                        "test", 0, tmp_path, {"accelerator": "cpu"})
+        assert check is not None
+        assert model.training  # mode put back
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), f"preflight changed {k}"
+    finally:
+        model.eval()
+    ckpt = {"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()}}
+    assert not build_network(cfg, ckpt).training  # evaluate.py's network starts in eval mode

@@ -80,7 +80,8 @@ def stored_config(ckpt: dict, datamodule_overrides: DictConfig | None,
 
 
 def build_network(train_cfg: DictConfig, ckpt: dict) -> nn.Module:
-    """The backbone of ``train_cfg`` with the checkpoint's weights."""
+    """The backbone of ``train_cfg`` with the checkpoint's weights, in eval mode (an evaluation
+    network: BatchNorm uses and keeps its running statistics)."""
     net = instantiate_node(train_cfg, "backbone")
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     try:
@@ -88,7 +89,7 @@ def build_network(train_cfg: DictConfig, ckpt: dict) -> nn.Module:
     except RuntimeError as err:
         raise ConfigError(f"the checkpoint's weights do not fit the network its config builds: "
                           f"{str(err).splitlines()[0][:200]}") from err
-    return net
+    return net.eval()
 
 
 def inherit_threat(cfg: DictConfig, train_cfg: DictConfig) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_modules.attacks import PGD, Attack
+from lightning_modules.attacks.mode import attack_mode
 from lightning_modules.core.io import write_json
 from lightning_modules.core.tasks import Task
 from lightning_modules.evaluation.engine import RobustEvaluator
@@ -84,30 +85,34 @@ def more_steps_preflight(net: nn.Module, attacks: dict[str, Attack], eps: float,
     device = _device(trainer_cfg)
     net = net.to(device)
     try:
-        datamodule.prepare_data()
-        datamodule.setup("test" if split == "test" else "validate")
-        x, y = next(iter(datamodule.sample_loader(split, PROBE_IMAGES, PROBE_IMAGES, seed)))
-        x, y = x.to(device), y.to(device)
-        many = len(cells) > 1
-        evaluator = RobustEvaluator(task, num_classes, cells,
-                                    worst_case={"worst": list(cells)} if many else None,
-                                    cascade=cascade and many)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = evaluator.attack_batch(net, x, y)
-            worst = out.worst["worst"] if many else next(iter(out.adv.values()))
-            t = Task(task)
-            reported_robust = ~t.wrong(out.clean, y) & ~t.wrong(worst, y)
+        # eval mode throughout (put back after): in train mode the clean and adversarial
+        # forward passes would use batch statistics and move BatchNorm's running statistics,
+        # i.e. change the model that the evaluation afterwards reports on
+        with attack_mode(net, "eval"):
+            datamodule.prepare_data()
+            datamodule.setup("test" if split == "test" else "validate")
+            x, y = next(iter(datamodule.sample_loader(split, PROBE_IMAGES, PROBE_IMAGES, seed)))
+            x, y = x.to(device), y.to(device)
+            many = len(cells) > 1
+            evaluator = RobustEvaluator(task, num_classes, cells,
+                                        worst_case={"worst": list(cells)} if many else None,
+                                        cascade=cascade and many)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                out = evaluator.attack_batch(net, x, y)
+                worst = out.worst["worst"] if many else next(iter(out.adv.values()))
+                t = Task(task)
+                reported_robust = ~t.wrong(out.clean, y) & ~t.wrong(worst, y)
 
-            def redraw(mask: torch.Tensor) -> torch.Tensor:
-                torch.manual_seed(seed + 1)
-                again = evaluator.attack_batch(net, x[mask], y[mask])
-                adv = again.worst["worst"] if many else next(iter(again.adv.values()))
-                return ~t.wrong(again.clean, y[mask]) & ~t.wrong(adv, y[mask])
+                def redraw(mask: torch.Tensor) -> torch.Tensor:
+                    torch.manual_seed(seed + 1)
+                    again = evaluator.attack_batch(net, x[mask], y[mask])
+                    adv = again.worst["worst"] if many else next(iter(again.adv.values()))
+                    return ~t.wrong(again.clean, y[mask]) & ~t.wrong(adv, y[mask])
 
-            check, _ = more_steps_check(net, x, y, t, reported_robust, " + ".join(cells),
-                                        {n: a.with_eps(eps) for n, a in stronger.items()},
-                                        redraw=redraw)
+                check, _ = more_steps_check(net, x, y, t, reported_robust, " + ".join(cells),
+                                            {n: a.with_eps(eps) for n, a in stronger.items()},
+                                            redraw=redraw)
     finally:
         net.to("cpu")
     if _rank() == 0:
