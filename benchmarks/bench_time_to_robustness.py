@@ -88,8 +88,10 @@ def final(folder: Path) -> dict:
     report = next(iter(sorted((folder / "eval").glob("**/report.json"))), None) \
         if (folder / "eval").is_dir() else None
     if report:
-        rows = json.loads(report.read_text()).get("rows", [])
-        worst = [r for r in rows if str(r.get("attack", "")).startswith("worst")]
+        rep = json.loads(report.read_text())
+        eps = str((rep.get("train_threat") or {}).get("eps"))
+        worst = [r for r in rep.get("results", []) if str(r.get("attack", "")).startswith("worst")
+                 and r.get("eps_str") == eps]  # the per-image worst case at the threat radius
         if worst:
             out["fast_default_bal_acc"] = worst[0].get("bal_acc")
     log = (folder / "stdout.log").read_text(errors="replace") if (
