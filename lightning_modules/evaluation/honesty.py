@@ -310,7 +310,9 @@ def probe_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
         white = white_acc if white_acc is not None else _robust_acc(model, pgd, x, y, task)
         out.append(Check("square_not_above_white_box", acc_sq >= white - tol,
                          f"Square ({square_queries} queries) {acc_sq:.4f}, white-box "
-                         f"{white:.4f} ({n} images)"))
+                         f"{white:.4f} at {pgd.norm} eps {pgd.eps:.4g} ({n} images)"
+                         + ("" if acc_sq >= white - tol else
+                            ": the white-box number at this radius is an upper bound")))
     return out
 
 
